@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="scratchgpt",
+    version="0.1.0",
+    description="A GPT engine from the ground up: NumPy autograd, Triton kernels, the GPT-2 model and its fine-tuning",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine*", "kernels*", "model*", "bench*"]),
+    install_requires=[
+        "numpy>=1.24",
+        "torch>=2.4",
+        "triton>=3.6",
+        "tiktoken>=0.7",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5"]},
+)
