@@ -11,6 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# NOTE: on 2 cores, torch's intra-op threads fight OpenBLAS's spinning threads after NumPy
+# calls: a small torch reference ran 30x slower interleaved with our engine. Tests compare
+# numbers, not speed, so torch gets one thread.
+torch.set_num_threads(1)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -23,3 +28,14 @@ def rng() -> np.random.Generator:
 def kernel_device() -> str:
     """Where Triton kernels run in tests: the GPU when there is one, else the CPU interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def numpy_backend_by_default():
+    """Every test starts on the numpy backend; backend tests switch explicitly and are restored."""
+    import engine
+
+    engine.set_backend("numpy")
+    engine.manual_seed(0)
+    yield
+    engine.set_backend("numpy")

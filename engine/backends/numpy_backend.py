@@ -1,0 +1,154 @@
+"""The CPU backend: arrays are ``numpy.ndarray``; fused ops run the NumPy references in ``kernels/``."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from engine.backends.base import Array, Axis, Backend
+from kernels import attention_ref, cross_entropy_ref, gelu_ref, layernorm_ref
+
+_DTYPES = {
+    "float32": np.float32,
+    "float64": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "bool": np.bool_,
+}
+_SUPPORTED = {np.dtype(d) for d in _DTYPES.values()}
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def __init__(self) -> None:
+        self._rng = np.random.default_rng(0)
+
+    # --- dtypes and creation ---
+    def dtype(self, name: Any) -> np.dtype:
+        if isinstance(name, str):
+            if name not in _DTYPES:
+                raise TypeError(
+                    f"dtype {name!r} is not supported by the numpy backend: use one of {', '.join(_DTYPES)}"
+                )
+            return np.dtype(_DTYPES[name])
+        dt = np.dtype(name)
+        if dt not in _SUPPORTED:
+            raise TypeError(
+                f"dtype {dt} is not supported by the numpy backend: use one of {', '.join(_DTYPES)}"
+            )
+        return dt
+
+    def is_float(self, a: Array) -> bool:
+        return a.dtype.kind == "f"
+
+    def asarray(self, data: Any, dtype: Any = None) -> np.ndarray:
+        if hasattr(data, "detach") and hasattr(data, "cpu"):  # a torch tensor
+            data = data.detach().cpu().numpy()
+        if dtype is not None:
+            return np.asarray(data, dtype=self.dtype(dtype))
+        arr = np.asarray(data)
+        if arr.dtype.kind == "f" and arr.dtype not in _SUPPORTED:
+            raise TypeError(f"dtype {arr.dtype} is not supported by the numpy backend: use float32 or float64")
+        if arr.dtype.kind in "iu" and arr.dtype not in _SUPPORTED:
+            arr = arr.astype(np.int64)
+        if arr.dtype not in _SUPPORTED:
+            raise TypeError(
+                f"cannot make a tensor from data of dtype {arr.dtype}: "
+                f"supported dtypes are {', '.join(_DTYPES)}"
+            )
+        return arr
+
+    def to_numpy(self, a: Array) -> np.ndarray:
+        return a
+
+    def astype(self, a: Array, dtype: Any) -> np.ndarray:
+        return a.astype(self.dtype(dtype), copy=False)
+
+    def zeros(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
+        return np.zeros(shape, dtype=self.dtype(dtype))
+
+    def ones(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
+        return np.ones(shape, dtype=self.dtype(dtype))
+
+    def full(self, shape: Sequence[int], value: float, dtype: Any) -> np.ndarray:
+        return np.full(shape, value, dtype=self.dtype(dtype))
+
+    def arange(self, n: int, dtype: Any = None) -> np.ndarray:
+        return np.arange(n, dtype=self.dtype(dtype or "int64"))
+
+    def copy(self, a: Array) -> np.ndarray:
+        return a.copy()
+
+    # --- randomness ---
+    def manual_seed(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def rng_state(self) -> dict:
+        return self._rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state
+
+    def randn(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
+        return self._rng.standard_normal(shape, dtype=self.dtype(dtype))
+
+    def rand(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
+        return self._rng.random(shape, dtype=self.dtype(dtype))
+
+    def randint(self, high: int) -> int:
+        return int(self._rng.integers(high))
+
+    # --- math ---
+    exp = staticmethod(np.exp)
+    log = staticmethod(np.log)
+    sqrt = staticmethod(np.sqrt)
+    tanh = staticmethod(np.tanh)
+    where = staticmethod(np.where)
+    transpose = staticmethod(np.transpose)
+    broadcast_to = staticmethod(np.broadcast_to)
+
+    def sum(self, a: Array, axis: Axis = None, keepdims: bool = False) -> np.ndarray:
+        return np.sum(a, axis=axis, keepdims=keepdims)
+
+    def max(self, a: Array, axis: Axis = None, keepdims: bool = False) -> np.ndarray:
+        return np.max(a, axis=axis, keepdims=keepdims)
+
+    def concatenate(self, arrays: Sequence[Array], axis: int) -> np.ndarray:
+        return np.concatenate(arrays, axis=axis)
+
+    def index(self, index: Any) -> Any:
+        return index
+
+    def index_add(self, shape: Sequence[int], index: Any, values: Array) -> np.ndarray:
+        out = np.zeros(shape, dtype=values.dtype)
+        np.add.at(out, index, values)  # repeated indices accumulate
+        return out
+
+    # --- fused kernel pairs: the NumPy references ---
+    gelu_forward = staticmethod(gelu_ref.gelu_forward)
+    gelu_backward = staticmethod(gelu_ref.gelu_backward)
+    bias_gelu_forward = staticmethod(gelu_ref.bias_gelu_forward)
+    bias_gelu_backward = staticmethod(gelu_ref.bias_gelu_backward)
+    layer_norm_forward = staticmethod(layernorm_ref.layer_norm_forward)
+    layer_norm_backward = staticmethod(layernorm_ref.layer_norm_backward)
+    cross_entropy_forward = staticmethod(cross_entropy_ref.cross_entropy_forward)
+    cross_entropy_backward = staticmethod(cross_entropy_ref.cross_entropy_backward)
+
+    @staticmethod
+    def _dropout_mask(q: Array, k: Array, dropout_p: float, seed: int) -> np.ndarray | None:
+        if dropout_p == 0.0:
+            return None
+        B, H, T, _ = q.shape
+        S = k.shape[2]
+        # NOTE: the mask is a pure function of the seed, so backward regenerates it exactly.
+        return np.random.default_rng(seed).random((B, H, T, S), dtype=np.float32) >= dropout_p
+
+    def attention_forward(self, q, k, v, scale, causal, dropout_p, seed):
+        mask = self._dropout_mask(q, k, dropout_p, seed)
+        return attention_ref.attention_forward(q, k, v, scale, causal, mask, dropout_p)
+
+    def attention_backward(self, do, q, k, v, o, lse, scale, causal, dropout_p, seed):
+        mask = self._dropout_mask(q, k, dropout_p, seed)
+        return attention_ref.attention_backward(do, q, k, v, o, lse, scale, causal, mask, dropout_p)

@@ -1,0 +1,209 @@
+"""Fused and composite neural-network ops.
+
+Each fused op (``gelu``, ``bias_gelu``, ``layer_norm``, ``attention``,
+``cross_entropy``) is one Function whose forward/backward call the active backend's
+kernel pair: the NumPy references on the numpy backend, the Triton kernels on the
+triton backend. ``linear`` and ``embedding`` are single Functions too, because their
+gradients are one matmul / one scatter-add each.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from engine.backends import get_backend
+from engine.tensor import Function, Tensor, as_tensor
+
+
+class _Linear(Function):
+    def forward(self, x, weight, bias=None):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"linear: input shape {tuple(x.shape)} does not match weight shape {tuple(weight.shape)}: "
+                f"last dim {x.shape[-1]} != in_features {weight.shape[1]}"
+            )
+        self.save_for_backward(x, weight)
+        backend = get_backend()
+        out = x @ backend.transpose(weight, (1, 0))  # (..., out)
+        return out if bias is None else out + bias
+
+    def backward(self, g):
+        x, weight = self.saved
+        backend = get_backend()
+        g2 = g.reshape((-1, g.shape[-1]))  # (N, out)
+        gx = (g @ weight) if self.needs_input_grad[0] else None  # (..., in)
+        gw = backend.transpose(g2, (1, 0)) @ x.reshape((-1, x.shape[-1])) if self.needs_input_grad[1] else None
+        gb = backend.sum(g2, axis=0) if len(self.parents) > 2 and self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias, with weight (out_features, in_features) as in torch."""
+    return _Linear.apply(x, weight) if bias is None else _Linear.apply(x, weight, bias)
+
+
+class _Embedding(Function):
+    def forward(self, weight, ids):
+        if get_backend().is_float(ids):
+            raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+        self.ids, self.num = ids, weight.shape[0]
+        return weight[ids]  # (..., D)
+
+    def backward(self, g):
+        backend = get_backend()
+        dim = g.shape[-1]
+        dw = backend.index_add((self.num, dim), self.ids.reshape(-1), g.reshape((-1, dim)))
+        return dw, None
+
+
+def embedding(ids: Any, weight: Tensor) -> Tensor:
+    """Rows of ``weight`` (num_embeddings, dim) picked by integer ``ids`` of any shape."""
+    ids = as_tensor(ids)
+    if ids.size and (int(ids.data.min()) < 0 or int(ids.data.max()) >= weight.shape[0]):
+        raise IndexError(
+            f"embedding: ids must lie in [0, {weight.shape[0]}), got min {int(ids.data.min())} "
+            f"max {int(ids.data.max())}"
+        )
+    return _Embedding.apply(weight, ids)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Zero each element with probability ``p`` and scale the rest by 1/(1-p); identity in eval.
+
+    The mask comes from the engine's generator (``engine.manual_seed``)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    backend = get_backend()
+    keep = backend.rand(x.shape, x.dtype) >= p
+    scale = backend.astype(keep, x.dtype) * (1.0 / (1.0 - p))
+    return x * Tensor(scale)
+
+
+class _Gelu(Function):
+    def forward(self, x):
+        self.save_for_backward(x)
+        return get_backend().gelu_forward(x)
+
+    def backward(self, g):
+        (x,) = self.saved
+        return (get_backend().gelu_backward(g, x),)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU, tanh approximation (as GPT-2): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
+    return _Gelu.apply(x)
+
+
+class _BiasGelu(Function):
+    def forward(self, x, bias):
+        if bias.shape != x.shape[-1:]:
+            raise ValueError(f"bias_gelu: bias shape {tuple(bias.shape)} must be ({x.shape[-1]},) for input {tuple(x.shape)}")
+        self.save_for_backward(x, bias)
+        return get_backend().bias_gelu_forward(x, bias)
+
+    def backward(self, g):
+        x, bias = self.saved
+        return get_backend().bias_gelu_backward(g, x, bias)
+
+
+def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
+    """gelu(x + bias) in one fused op; bias (N,) broadcasts over the last dim."""
+    return _BiasGelu.apply(x, bias)
+
+
+class _LayerNorm(Function):
+    def forward(self, x, weight, bias, eps: float):
+        n = x.shape[-1]
+        if weight.shape != (n,) or bias.shape != (n,):
+            raise ValueError(
+                f"layer_norm: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must both be ({n},) "
+                f"for input {tuple(x.shape)}"
+            )
+        y, mean, rstd = get_backend().layer_norm_forward(x, weight, bias, eps)
+        self.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    def backward(self, g):
+        x, weight, mean, rstd = self.saved
+        return get_backend().layer_norm_backward(g, x, weight, mean, rstd)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """Normalise over the last dim (population variance), then scale and shift."""
+    return _LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+class _Attention(Function):
+    def forward(self, q, k, v, scale: float, causal: bool, dropout_p: float, seed: int):
+        if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+            raise ValueError(
+                f"attention: q, k, v must be (B, H, T, D), got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        self.args = (scale, causal, dropout_p, seed)
+        o, lse = get_backend().attention_forward(q, k, v, *self.args)
+        self.save_for_backward(q, k, v, o, lse)
+        return o
+
+    def backward(self, g):
+        q, k, v, o, lse = self.saved
+        return get_backend().attention_backward(g, q, k, v, o, lse, *self.args)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0, scale: float | None = None
+) -> Tensor:
+    """Fused scaled-dot-product attention on (B, H, T, D) queries and (B, H, S, D) keys/values.
+
+    Causal masking is bottom-right aligned (query i sees keys j ≤ i + S − T), so a KV-cache
+    decode step with T = 1 sees every cached key. ``dropout_p`` drops attention
+    probabilities with a mask drawn from the engine's generator."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = get_backend().randint(2**31 - 1) if dropout_p > 0 else 0
+    return _Attention.apply(q, k, v, scale=scale, causal=causal, dropout_p=dropout_p, seed=seed)
+
+
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: float | None = None
+) -> Tensor:
+    """Causal ``attention``: each query sees itself and the keys before it."""
+    return attention(q, k, v, causal=True, dropout_p=dropout_p, scale=scale)
+
+
+class _CrossEntropy(Function):
+    def forward(self, logits, targets, ignore_index: int):
+        self.ignore_index = ignore_index
+        self.save_for_backward(logits, targets)
+        return get_backend().cross_entropy_forward(logits, targets, ignore_index)
+
+    def backward(self, g):
+        logits, targets = self.saved
+        return get_backend().cross_entropy_backward(g, logits, targets, self.ignore_index), None
+
+
+def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of ``logits`` (..., C) against integer ``targets`` (...).
+
+    Positions whose target is ``ignore_index`` count neither in the loss nor the mean.
+    Stable for large logits (log-sum-exp with the max subtracted); no one-hot matrix."""
+    targets = as_tensor(targets)
+    if get_backend().is_float(targets.data):
+        raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, got {targets.shape}"
+        )
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (N, C)
+    return _CrossEntropy.apply(flat_logits, targets.reshape(-1), ignore_index=ignore_index)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return x.softmax(axis)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return x.log_softmax(axis)

@@ -1,0 +1,134 @@
+"""NumPy reference for fused scaled-dot-product attention (forward + backward).
+
+The ground truth the Triton kernels in ``kernels/attention.py`` answer to, and the
+attention the numpy backend runs. Written for clarity, not speed: it builds the full
+(T, S) score matrix per head, which the kernels never do.
+
+Shapes: q (B, H, T, D); k, v (B, H, S, D); o (B, H, T, D); lse (B, H, T).
+
+NOTE: the causal mask is aligned to the bottom-right corner: query row i may attend
+key j iff ``j <= i + (S - T)``. With S == T this is the usual lower triangle; with
+T == 1 and S keys (a KV-cache decode step) the one query sees every key.
+"""
+
+import numpy as np
+
+_DTYPES = (np.float32, np.float64)
+
+
+def _check_inputs(q, k, v, causal, dropout_mask, dropout_p):
+    """Raise ValueError unless q, k, v (and the dropout mask) are a valid attention problem."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"attention: {name} must be a numpy array, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"attention: {name} must have rank 4 (B, H, T, D), got shape {x.shape}")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"attention: {name} must be float32 or float64, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    if k.shape != (B, H, S, D) or v.shape != k.shape:
+        raise ValueError(
+            f"attention: expected k and v of shape (B, H, S, D) = ({B}, {H}, S, {D}) matching q {q.shape}, "
+            f"got k {k.shape}, v {v.shape}"
+        )
+    if min(B, H, T, S, D) < 1:
+        raise ValueError(f"attention: empty dimension in q {q.shape} / k {k.shape}")
+    if causal and S < T:
+        raise ValueError(f"attention: causal attention needs at least as many keys as queries, got S={S} < T={T}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_mask is None:
+        if dropout_p > 0.0:
+            raise ValueError("attention: dropout_p > 0 needs a dropout_mask (B, H, T, S) of kept positions")
+    else:
+        if not isinstance(dropout_mask, np.ndarray) or dropout_mask.dtype != np.bool_:
+            raise ValueError("attention: dropout_mask must be a bool numpy array (True = keep)")
+        if dropout_mask.shape != (B, H, T, S):
+            raise ValueError(f"attention: dropout_mask must have shape {(B, H, T, S)}, got {dropout_mask.shape}")
+    return B, H, T, S, D
+
+
+def causal_mask(T: int, S: int) -> np.ndarray:
+    """(T, S) bool, True where query row i may attend key j: j <= i + (S - T)."""
+    return np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+
+
+def _probabilities(q, k, scale, causal, lse=None):
+    """P = softmax(scale * q kᵀ, masked) (B, H, T, S), and the row lse (B, H, T).
+
+    When ``lse`` is given, P is recomputed from it as exp(S - lse), as the backward kernel does.
+    """
+    scores = scale * (q @ np.swapaxes(k, -1, -2))  # (B, H, T, S)
+    if causal:
+        scores = np.where(causal_mask(q.shape[2], k.shape[2]), scores, -np.inf)
+    if lse is None:
+        row_max = scores.max(axis=-1, keepdims=True)  # finite: every row sees at least one key
+        lse = (row_max + np.log(np.exp(scores - row_max).sum(axis=-1, keepdims=True)))[..., 0]
+    p = np.exp(scores - lse[..., None])  # masked entries: exp(-inf) = 0
+    return p.astype(q.dtype, copy=False), lse.astype(q.dtype, copy=False)
+
+
+def _apply_dropout(x, dropout_mask, dropout_p):
+    """Zero the dropped entries of x (B, H, T, S) and scale the kept ones by 1 / (1 - p)."""
+    if dropout_mask is None:
+        return x
+    return np.where(dropout_mask, x / x.dtype.type(1.0 - dropout_p), x.dtype.type(0.0))
+
+
+def attention_forward(q, k, v, scale=None, causal=True, dropout_mask=None, dropout_p=0.0):
+    """o = dropout(softmax(scale · q kᵀ + mask)) v.
+
+    q: (B, H, T, D); k, v: (B, H, S, D), all float32 or all float64.
+    scale: defaults to 1 / sqrt(D).
+    causal: bottom-right aligned mask (see the module docstring); needs S >= T.
+    dropout_mask: optional bool (B, H, T, S), True = keep; applied to the probabilities,
+        kept entries scaled by 1 / (1 - dropout_p).
+    Returns o (B, H, T, D) and lse (B, H, T), the log-sum-exp of the scaled, masked
+    scores (before dropout), both in q's dtype.
+    """
+    D = _check_inputs(q, k, v, causal, dropout_mask, dropout_p)[-1]
+    scale = 1.0 / float(np.sqrt(D)) if scale is None else float(scale)
+    p, lse = _probabilities(q, k, scale, causal)  # (B, H, T, S), (B, H, T)
+    o = _apply_dropout(p, dropout_mask, dropout_p) @ v  # (B, H, T, D)
+    return o.astype(q.dtype, copy=False), lse
+
+
+def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_mask=None, dropout_p=0.0):
+    """Gradients (dq, dk, dv) of attention_forward, given the upstream gradient do = dL/do.
+
+    P is recomputed from the saved lse (P = exp(scale · q kᵀ − lse), masked), exactly as
+    the backward kernels do. With M the dropout keep-mask and p the dropout rate:
+
+        P_drop = P ∘ M / (1 − p)                  (the matrix forward multiplied by V)
+        dV     = P_dropᵀ dO                        (S, D)
+        dP_drop = dO Vᵀ                            (T, S)
+        dP     = dP_drop ∘ M / (1 − p)
+        Δ      = rowsum(dO ∘ O)                    (T,)   = rowsum(P ∘ dP), one value per row
+        dS     = P ∘ (dP − Δ)                      softmax backward, per row
+        dQ     = scale · dS K                      (T, D)
+        dK     = scale · dSᵀ Q                     (S, D)
+
+    The identity rowsum(P ∘ dP) = rowsum(dO ∘ O) holds because O = P_drop V, so Δ needs
+    only O and dO (an O(T·D) product) instead of the (T, S) matrix.
+    """
+    D = _check_inputs(q, k, v, causal, dropout_mask, dropout_p)[-1]
+    for name, x, shape in (("do", do, q.shape), ("o", o, q.shape), ("lse", lse, q.shape[:3])):
+        if not isinstance(x, np.ndarray) or x.shape != shape:
+            raise ValueError(f"attention_backward: {name} must be a numpy array of shape {shape}, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+    scale = 1.0 / float(np.sqrt(D)) if scale is None else float(scale)
+    dtype = q.dtype
+    do, o, lse = do.astype(dtype, copy=False), o.astype(dtype, copy=False), lse.astype(dtype, copy=False)
+
+    p, _ = _probabilities(q, k, scale, causal, lse=lse)  # (B, H, T, S)
+    p_drop = _apply_dropout(p, dropout_mask, dropout_p)  # (B, H, T, S)
+    dv = np.swapaxes(p_drop, -1, -2) @ do  # (B, H, S, D)
+    dp = _apply_dropout(do @ np.swapaxes(v, -1, -2), dropout_mask, dropout_p)  # (B, H, T, S)
+    delta = (do * o).sum(axis=-1, keepdims=True)  # (B, H, T, 1)
+    ds = p * (dp - delta)  # (B, H, T, S)
+    dq = dtype.type(scale) * (ds @ k)  # (B, H, T, D)
+    dk = dtype.type(scale) * (np.swapaxes(ds, -1, -2) @ q)  # (B, H, S, D)
+    return dq.astype(dtype, copy=False), dk.astype(dtype, copy=False), dv.astype(dtype, copy=False)

@@ -1,0 +1,129 @@
+"""Graph mechanics: deep chains, accumulation, freeing, no_grad and clear errors."""
+
+import numpy as np
+import pytest
+
+import engine
+from engine import functional as F
+
+
+def test_ten_thousand_op_chain_backpropagates_without_recursion():
+    x = engine.tensor(1.0, requires_grad=True, dtype="float64")
+    y = x
+    for _ in range(10_000):
+        y = y * 1.0001
+    y.backward()
+    np.testing.assert_allclose(x.grad, 1.0001**10_000, rtol=1e-9)
+
+
+def test_gradients_accumulate_across_uses_and_calls():
+    x = engine.tensor([1.0, 2.0], requires_grad=True, dtype="float64")
+    (x * x + x).sum().backward()  # x used three times
+    np.testing.assert_allclose(x.grad, [3.0, 5.0])
+    (x * 2).sum().backward()  # a second backward accumulates into .grad
+    np.testing.assert_allclose(x.grad, [5.0, 7.0])
+
+
+def test_diamond_graph_counts_each_path_once():
+    x = engine.tensor(3.0, requires_grad=True, dtype="float64")
+    a = x * 2
+    b = a * a + a  # a feeds two ops
+    b.backward()
+    np.testing.assert_allclose(x.grad, (2 * 6.0 + 1) * 2)
+
+
+def test_second_backward_through_freed_graph_raises_unless_retained():
+    x = engine.tensor([1.0, 2.0], requires_grad=True)
+    y = (x.exp() * x).sum()
+    y.backward(retain_graph=True)
+    first = x.grad.copy()
+    y.backward()
+    np.testing.assert_allclose(x.grad, 2 * first, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="already freed.*retain_graph=True"):
+        y.backward()
+
+
+def test_saved_arrays_are_released_after_backward():
+    x = engine.tensor(np.ones((4, 4)), requires_grad=True)
+    y = x.exp()
+    z = y.sum()
+    z.backward()
+    assert y._fn.saved == () and y._fn.freed
+
+
+def test_backward_on_non_scalar_needs_a_gradient():
+    x = engine.tensor(np.ones((2, 3)), requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"one-element tensor.*\(2, 3\)"):
+        (x * 2).backward()
+    with pytest.raises(ValueError, match=r"grad has shape \(3,\), expected \(2, 3\)"):
+        (x * 2).backward(np.ones(3))
+
+
+def test_backward_without_requires_grad_is_an_error():
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        (engine.tensor([1.0]) * 2).sum().backward()
+
+
+def test_no_grad_records_nothing_and_works_as_decorator():
+    x = engine.tensor([1.0], requires_grad=True)
+    with engine.no_grad():
+        y = x * 2
+    assert not y.requires_grad and y._fn is None
+
+    @engine.no_grad()
+    def f(t):
+        return t * 3
+
+    assert not f(x).requires_grad
+    assert (x * 2).requires_grad  # re-enabled afterwards
+
+
+def test_detach_cuts_the_graph():
+    x = engine.tensor([2.0], requires_grad=True, dtype="float64")
+    y = x * x.detach()
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad, [2.0])
+
+
+def test_unsupported_dtypes_raise_clear_errors():
+    with pytest.raises(TypeError, match="float16 is not supported by the numpy backend"):
+        engine.tensor(np.ones(2, dtype=np.float16))
+    with pytest.raises(TypeError, match="complex128"):
+        engine.tensor(np.ones(2, dtype=np.complex128))
+    with pytest.raises(TypeError, match="'float8' is not supported"):
+        engine.zeros(2, dtype="float8")
+    with pytest.raises(TypeError, match="only floating-point tensors can require gradients"):
+        engine.tensor([1, 2], requires_grad=True)
+
+
+@pytest.mark.parametrize(
+    "fn,pattern",
+    [
+        (lambda a, b: a + b, r"add: shapes \(2, 3\) and \(4,\) cannot be broadcast"),
+        (lambda a, b: a * b, r"mul: shapes \(2, 3\) and \(4,\)"),
+        (lambda a, b: a @ b, r"matmul: shapes \(2, 3\) and \(4,\) do not match"),
+        (lambda a, b: engine.concatenate([a, b.reshape(1, 4)]), r"concatenate: shapes \(2, 3\) and \(1, 4\)"),
+    ],
+)
+def test_mismatched_shapes_name_the_op_and_both_shapes(fn, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        fn(engine.zeros(2, 3), engine.zeros(4))
+
+
+def test_reshape_and_index_errors_are_clear():
+    x = engine.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"cannot reshape a tensor of shape \(2, 3\) \(6 elements\) into \(4, 2\)"):
+        x.reshape(4, 2)
+    with pytest.raises(IndexError, match=r"invalid for shape \(2, 3\)"):
+        x[5]
+    with pytest.raises(ValueError, match=r"layer_norm: weight \(3,\) and bias \(4,\)"):
+        F.layer_norm(x, engine.ones(3), engine.zeros(4))
+
+
+def test_float32_stays_float32():
+    x = engine.tensor(np.ones((2, 2), dtype=np.float32), requires_grad=True)
+    y = (x * 2.5 + 1) / 3 - x**2
+    assert y.dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32
+    assert engine.tensor([1.5]).dtype == np.float32  # Python floats default to float32
