@@ -1,0 +1,28 @@
+"""GPT-2's tokenizer as a fast `tiktoken.Encoding`, built from the local BPE files.
+
+``tiktoken.get_encoding("gpt2")`` would download its files; here they come from the data
+directory (``gpt2/encoder.json`` and ``gpt2/vocab.bpe``, downloaded only when missing),
+parsed by our own `BytePairTokenizer.from_gpt2_files`, and handed to tiktoken's Rust
+encoder.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import tiktoken
+
+from model.bpe import BytePairTokenizer
+from model.datadir import data_file
+
+
+def gpt2_tokenizer(data_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:
+    """The GPT-2 encoding (50257 tokens, ``<|endoftext|>`` = 50256) from the data dir."""
+    return _load(data_file("gpt2/encoder.json", data_dir), data_file("gpt2/vocab.bpe", data_dir))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(encoder_json: Path, vocab_bpe: Path) -> tiktoken.Encoding:
+    return BytePairTokenizer.from_gpt2_files(encoder_json, vocab_bpe).to_tiktoken("gpt2")
