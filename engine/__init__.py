@@ -5,6 +5,7 @@
 """
 
 from engine import functional, nn, optim
+from engine.amp import autocast
 from engine.backends import get_backend, set_backend
 from engine.gradcheck import GradcheckError, gradcheck
 from engine.tensor import (
@@ -26,7 +27,7 @@ from engine.tensor import (
 )
 
 __all__ = [
-    "Function", "GradcheckError", "Tensor", "arange", "as_tensor", "cat", "concatenate", "functional",
+    "Function", "GradcheckError", "autocast", "Tensor", "arange", "as_tensor", "cat", "concatenate", "functional",
     "get_backend", "gradcheck", "is_grad_enabled", "manual_seed", "nn", "no_grad", "ones", "optim",
     "randn", "set_backend", "stack", "tensor", "where", "zeros",
 ]

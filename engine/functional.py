@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from engine.amp import autocast_dtype
 from engine.backends import get_backend
 from engine.tensor import Function, Tensor, as_tensor
 
@@ -39,7 +40,14 @@ class _Linear(Function):
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight.T + bias, with weight (out_features, in_features) as in torch."""
+    """x @ weight.T + bias, with weight (out_features, in_features) as in torch.
+
+    Under ``engine.autocast`` the inputs are cast (differentiably) to the autocast dtype,
+    so the matmul and everything fed by its output run in that precision."""
+    dtype = autocast_dtype()
+    if dtype is not None:
+        x, weight = x.astype(dtype), weight.astype(dtype)
+        bias = None if bias is None else bias.astype(dtype)
     return _Linear.apply(x, weight) if bias is None else _Linear.apply(x, weight, bias)
 
 

@@ -199,6 +199,8 @@ class Tensor:
             for parent, pg in zip(fn.parents, input_grads):
                 if pg is None or not parent.requires_grad:
                     continue
+                if pg.dtype != parent.dtype:  # mixed precision: grads match their tensor's dtype
+                    pg = backend.astype(pg, parent.dtype)
                 if tuple(pg.shape) != parent.shape:
                     raise RuntimeError(
                         f"internal error: {type(fn).__name__}.backward gave a gradient of shape "
