@@ -18,24 +18,29 @@ from engine.tensor import Function, Tensor, as_tensor
 
 
 class _Linear(Function):
+    # NOTE: (..., in) inputs are flattened to (N, in) so each product is one 2-D BLAS call.
     def forward(self, x, weight, bias=None):
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(
                 f"linear: input shape {tuple(x.shape)} does not match weight shape {tuple(weight.shape)}: "
                 f"last dim {x.shape[-1]} != in_features {weight.shape[1]}"
             )
-        self.save_for_backward(x, weight)
         backend = get_backend()
-        out = x @ backend.transpose(weight, (1, 0))  # (..., out)
-        return out if bias is None else out + bias
+        x2 = x.reshape((-1, x.shape[-1]))  # (N, in)
+        self.save_for_backward(x2, weight)
+        self.in_shape = tuple(x.shape)
+        out = backend.matmul(x2, backend.transpose(weight, (1, 0)))  # (N, out)
+        if bias is not None:
+            out += bias
+        return out.reshape(self.in_shape[:-1] + (weight.shape[0],))  # (..., out)
 
     def backward(self, g):
-        x, weight = self.saved
+        x2, weight = self.saved
         backend = get_backend()
         g2 = g.reshape((-1, g.shape[-1]))  # (N, out)
-        gx = (g @ weight) if self.needs_input_grad[0] else None  # (..., in)
-        gw = backend.transpose(g2, (1, 0)) @ x.reshape((-1, x.shape[-1])) if self.needs_input_grad[1] else None
-        gb = backend.sum(g2, axis=0) if len(self.parents) > 2 and self.needs_input_grad[2] else None
+        gx = backend.matmul(g2, weight).reshape(self.in_shape) if self.needs_input_grad[0] else None  # (..., in)
+        gw = backend.matmul(backend.transpose(g2, (1, 0)), x2) if self.needs_input_grad[1] else None  # (out, in)
+        gb = backend.sum(g2, axis=0) if len(self.parents) > 2 and self.needs_input_grad[2] else None  # (out,)
         return gx, gw, gb
 
 

@@ -143,7 +143,7 @@ class MatMul(Function):
         a2 = a.reshape((1,) + tuple(a.shape)) if a.ndim == 1 else a  # (1, K)
         b2 = b.reshape(tuple(b.shape) + (1,)) if b.ndim == 1 else b  # (K, 1)
         self.save_for_backward(a2, b2)
-        out = a2 @ b2
+        out = get_backend().matmul(a2, b2)
         if a.ndim == 1:
             out = out.reshape(tuple(out.shape[:-2]) + tuple(out.shape[-1:]))
         if b.ndim == 1:
@@ -160,10 +160,10 @@ class MatMul(Function):
             g = g.reshape(tuple(g.shape[:-1]) + (1,) + tuple(g.shape[-1:]))
         ga = gb = None
         if self.needs_input_grad[0]:
-            ga = g @ _swap_last(backend, b2)  # (..., M, K)
+            ga = backend.matmul(g, _swap_last(backend, b2))  # (..., M, K)
             ga = unbroadcast(ga, a2.shape).reshape(self.shapes[0])
         if self.needs_input_grad[1]:
-            gb = _swap_last(backend, a2) @ g  # (..., K, N)
+            gb = backend.matmul(_swap_last(backend, a2), g)  # (..., K, N)
             gb = unbroadcast(gb, b2.shape).reshape(self.shapes[1])
         return ga, gb
 

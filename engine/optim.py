@@ -115,14 +115,10 @@ class AdamW(Optimizer):
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
-            g = p.grad
-            p.data *= 1 - self.lr * self.weight_decay
-            m *= beta1
-            m += (1 - beta1) * g
-            v *= beta2
-            v += (1 - beta2) * (g * g)
-            denom = backend.sqrt(v) / bias2_sqrt + self.eps
-            p.data -= (self.lr / bias1) * (m / denom)
+            # p ← p·(1 − lr·wd);  m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²
+            # p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
+            backend.adamw_update(p.data, p.grad, m, v, self.lr, beta1, beta2, self.eps, self.weight_decay,
+                                 bias1, bias2_sqrt)
 
 
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:

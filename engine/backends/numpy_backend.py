@@ -118,13 +118,52 @@ class NumpyBackend(Backend):
     def concatenate(self, arrays: Sequence[Array], axis: int) -> np.ndarray:
         return np.concatenate(arrays, axis=axis)
 
+    def matmul(self, a: Array, b: Array) -> np.ndarray:
+        # NOTE: NumPy hands a stack of matrices to BLAS only when each one is contiguous;
+        # a transposed or sliced view (q, k from a fused qkv projection) falls to a loop
+        # 2-4x slower than copying first. 2-D operands go to BLAS as views either way.
+        if a.ndim > 2 and not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        if b.ndim > 2 and not b.flags.c_contiguous:
+            b = np.ascontiguousarray(b)
+        return a @ b
+
     def index(self, index: Any) -> Any:
         return index
 
     def index_add(self, shape: Sequence[int], index: Any, values: Array) -> np.ndarray:
         out = np.zeros(shape, dtype=values.dtype)
-        np.add.at(out, index, values)  # repeated indices accumulate
+        if isinstance(index, np.ndarray) and index.dtype.kind in "iu" and index.ndim == 1 and len(shape) == 2:
+            # rows picked by ids (embedding backward): sum the rows of each id with one
+            # sort + reduceat instead of np.add.at's element-by-element loop
+            order = np.argsort(index, kind="stable")
+            ids = index[order]
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+            out[ids[starts]] = np.add.reduceat(values[order], starts, axis=0)
+            return out
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, (np.ndarray, list)) for i in parts):
+            np.add.at(out, index, values)  # advanced indexing: repeated indices accumulate
+        else:
+            out[index] = values  # basic indexing picks each position at most once
         return out
+
+    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2_sqrt) -> None:
+        # every step in place, through one scratch buffer: no new 4-byte-per-weight arrays
+        tmp = np.multiply(g, 1 - beta1)
+        p *= 1 - lr * weight_decay
+        m *= beta1
+        m += tmp
+        np.multiply(g, g, out=tmp)
+        tmp *= 1 - beta2
+        v *= beta2
+        v += tmp
+        np.sqrt(v, out=tmp)
+        tmp *= 1 / bias2_sqrt
+        tmp += eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= lr / bias1
+        p -= tmp
 
     # --- fused kernel pairs: the NumPy references ---
     gelu_forward = staticmethod(gelu_ref.gelu_forward)

@@ -166,6 +166,16 @@ class TritonBackend(Backend):
     def concatenate(self, arrays: Sequence[Array], axis: int) -> torch.Tensor:
         return torch.cat(tuple(arrays), dim=axis)
 
+    def matmul(self, a: Array, b: Array) -> torch.Tensor:
+        return a @ b
+
+    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2_sqrt) -> None:
+        p.mul_(1 - lr * weight_decay)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bias2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bias1)
+
     def index(self, index: Any) -> Any:
         if isinstance(index, (np.ndarray, list)):
             return self.asarray(index)
