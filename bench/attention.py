@@ -1,0 +1,225 @@
+"""Benchmark the fused causal attention kernels: `python -m bench.attention`.
+
+On a CUDA GPU: our Triton kernels against torch's scaled_dot_product_attention (default
+backend, and the flash backend when torch offers it) and a naive matmul-softmax-matmul,
+forward and forward+backward, with B·T fixed so every row processes the same tokens.
+
+FLOPs follow the FlashAttention convention: forward = 4·B·H·T²·D (two T×T×D matmuls of
+2 FLOPs per multiply-add), halved when causal; backward = 2.5 × forward (five matmuls
+against two), so forward+backward = 3.5 × forward.
+
+Without a GPU the NumPy reference is compared with torch on the CPU at small T instead.
+"""
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> float:
+    fwd = 4 * B * H * T * T * D / (2 if causal else 1)
+    return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def naive_attention(q, k, v, causal: bool):
+    """Materialises the (T, T) scores: the memory cost the fused kernel avoids."""
+    T = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
+    if causal:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------
+
+
+def _providers(causal: bool) -> dict:
+    """name -> attention(q, k, v) returning o; autograd-capable except ours (own backward)."""
+    providers = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_flash(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        providers["sdpa-flash"] = sdpa_flash
+    except ImportError:
+        pass
+    providers["naive"] = lambda q, k, v: naive_attention(q, k, v, causal)
+    return providers
+
+
+def _time_cuda(provider: str, fn, q, k, v, do, causal: bool, mode: str):
+    """(ms, peak MiB) of one call, or None when it runs out of memory or is unsupported."""
+    import triton.testing
+
+    from kernels.attention import attention_backward, attention_forward
+
+    if provider == "ours":
+        if mode == "fwd":
+            def step():
+                attention_forward(q, k, v, causal=causal)
+        else:
+            def step():
+                o, lse = attention_forward(q, k, v, causal=causal)
+                attention_backward(do, q, k, v, o, lse, causal=causal)
+        grads = None
+    else:
+        if mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    fn(q, k, v)
+            grads = None
+        else:
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+            def step():
+                fn(*leaves).backward(do)
+            grads = leaves
+    try:
+        step()  # compile / warm up, and fail early on OOM
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        ms = triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=grads)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+    except RuntimeError as err:  # e.g. no flash kernel for this dtype / head dim
+        print(f"  {provider}: {str(err).splitlines()[0][:100]}")
+        return None
+    return ms, peak
+
+
+def bench_cuda(args) -> None:
+    dtype = DTYPES[args.dtype]
+    print(f"{torch.cuda.get_device_name()}: causal={args.causal}, {args.dtype}, B·T = {args.tokens} tokens, "
+          f"H·D = {args.model_dim}")
+    header = (f"{'mode':8} {'D':>4} {'T':>6} {'B':>4} {'H':>3} {'provider':11} {'ms':>9} {'TFLOP/s':>8} "
+              f"{'vs sdpa':>8} {'peak MiB':>9}")
+    print(header)
+    print("-" * len(header))
+    providers = _providers(args.causal)
+    for mode in args.modes:
+        for D in args.head_dims:
+            H = args.model_dim // D
+            for T in args.seqlens:
+                B = max(1, args.tokens // T)
+                gen = torch.Generator(device="cuda").manual_seed(0)
+                q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
+                flops = attention_flops(B, H, T, D, args.causal, mode)
+                results = {}
+                for name in ["ours", *providers]:
+                    if name == "naive" and T > args.naive_max_t:
+                        continue
+                    timing = _time_cuda(name, providers.get(name), q, k, v, do, args.causal, mode)
+                    results[name] = timing
+                sdpa = results.get("sdpa")
+                for name, timing in results.items():
+                    if timing is None:
+                        print(f"{mode:8} {D:>4} {T:>6} {B:>4} {H:>3} {name:11} {'OOM/n.a.':>9}")
+                        continue
+                    ms, peak = timing
+                    ratio = f"{sdpa[0] / ms:.2f}x" if sdpa else "-"
+                    print(f"{mode:8} {D:>4} {T:>6} {B:>4} {H:>3} {name:11} {ms:9.3f} {flops / ms / 1e9:8.1f} "
+                          f"{ratio:>8} {peak:9.0f}")
+                del q, k, v, do
+                torch.cuda.empty_cache()
+    print("vs sdpa: SDPA's time / this provider's time (> 1: faster than SDPA). Peak MiB includes the inputs.")
+
+
+# ---------------------------------------------------------------------------------------
+# CPU fallback
+# ---------------------------------------------------------------------------------------
+
+
+def _time_cpu(fn, repeats: int) -> float:
+    fn()  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)  # best of N: the least disturbed run on a shared CPU
+
+
+def _cpu_steps(mode: str, q, k, v, do, causal: bool):
+    """(NumPy reference step, torch CPU step) for one mode on float32 arrays."""
+    from kernels import attention_ref as ref
+
+    leaves = [torch.from_numpy(x).requires_grad_() for x in (q, k, v)]
+    if mode == "fwd":
+        def ours():
+            ref.attention_forward(q, k, v, causal=causal)
+
+        def theirs():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(*leaves, is_causal=causal)
+    else:
+        def ours():
+            o, lse = ref.attention_forward(q, k, v, causal=causal)
+            ref.attention_backward(do, q, k, v, o, lse, causal=causal)
+
+        def theirs():
+            F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(torch.from_numpy(do))
+    return ours, theirs
+
+
+def bench_cpu(args) -> None:
+    print("No CUDA GPU: comparing the NumPy reference with torch CPU at small T")
+    B, H, D = 1, 4, 64
+    seqlens = [128, 256] if args.quick else [128, 256, 512]
+    print(f"causal={args.causal}, float32, B={B}, H={H}, D={D}")
+    header = f"{'mode':8} {'T':>5} {'numpy ref ms':>13} {'torch sdpa ms':>14} {'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(0)
+    for mode in args.modes:
+        for T in seqlens:
+            q, k, v, do = rng.standard_normal((4, B, H, T, D), dtype=np.float32)
+            ours, theirs = _cpu_steps(mode, q, k, v, do, args.causal)
+            ms_ours, ms_torch = _time_cpu(ours, args.repeats), _time_cpu(theirs, args.repeats)
+            print(f"{mode:8} {T:>5} {ms_ours:13.2f} {ms_torch:14.2f} {ms_ours / ms_torch:6.2f}x")
+    print("ratio: NumPy reference time / torch time (> 1: the reference is slower; it is written for clarity).")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes: D=64, T in 512, 2048 (GPU)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="input dtype on the GPU")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dims to run")
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
+                        help="sequence lengths T to run")
+    parser.add_argument("--tokens", type=int, default=16384, help="B·T: batch size is tokens // T")
+    parser.add_argument("--model-dim", type=int, default=2048, help="H·D: heads are model_dim // D")
+    parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"],
+                        help="what to time")
+    parser.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
+    parser.add_argument("--naive-max-t", type=int, default=8192,
+                        help="skip the naive provider above this T (its T×T scores grow quadratically)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats per shape on the CPU (the best is reported)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.head_dims, args.seqlens = [64], [512, 2048]
+    if torch.cuda.is_available():
+        bench_cuda(args)
+    else:
+        bench_cpu(args)
+
+
+if __name__ == "__main__":
+    main()
