@@ -1,0 +1,194 @@
+"""Training throughput of our GPT against the same GPT in plain PyTorch: ``python -m bench.train``.
+
+Both models start from the same weights (ours, copied into `bench.torch_gpt`), see the
+same batches of the-verdict.txt and take AdamW steps with the same settings, dropout off.
+Each provider runs ``--warmup`` untimed steps, then ``--steps`` timed ones; the table
+gives ms/step, tokens/s and the ratio of our tokens/s to each provider's, and the largest
+difference between the first losses (fp32 runs should agree to ~1e-4).
+
+* CPU: our numpy backend against torch eager on the CPU (torch's default thread count).
+* GPU: our triton backend against torch eager in fp32, torch eager with bf16 autocast
+  (scaled_dot_product_attention picks its flash kernel), and torch.compile of the latter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as torch_F
+
+import engine
+from bench.torch_gpt import from_state_dict
+from model.config import PRESETS, get_config
+from model.data import DataLoader, SlidingWindowDataset
+from model.datadir import DataFileNotFoundError, add_data_dir_argument, data_file
+from model.gpt import GPTModel, count_parameters
+from model.gpt2_tokenizer import gpt2_tokenizer
+from model.train import calc_loss_batch
+
+LR, WEIGHT_DECAY = 4e-4, 0.1
+COMPARED_LOSSES = 5  # how many first losses the agreement check looks at
+
+
+@dataclass
+class Result:
+    name: str
+    seconds_per_step: float | None  # None: the provider failed
+    losses: list[float]
+    note: str = ""
+
+
+def make_batches(n: int, batch_size: int, context_length: int, vocab_size: int,
+                 data_dir: str | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`n` shuffled (inputs, targets) batches of the-verdict.txt, (B, T) int64 each;
+    seeded random tokens if the file is not at hand."""
+    try:
+        text = data_file("the-verdict.txt", data_dir, download=False).read_text(encoding="utf-8")
+        ids = gpt2_tokenizer(data_dir).encode(text)
+    except DataFileNotFoundError:
+        print("the-verdict.txt or the GPT-2 BPE files not found: using random tokens")
+        ids = np.random.default_rng(0).integers(0, vocab_size, 20_000)
+    loader = DataLoader(SlidingWindowDataset(ids, context_length, context_length), batch_size, seed=0)
+    if len(loader) == 0:
+        raise SystemExit(f"the text is too short for batches of {batch_size} x {context_length} tokens")
+    batches: list[tuple[np.ndarray, np.ndarray]] = []
+    while len(batches) < n:
+        batches.extend(loader)  # each pass is the next epoch, in a new order
+    return batches[:n]
+
+
+def run_steps(step: Callable[[np.ndarray, np.ndarray], float], batches: list, warmup: int,
+              sync: Callable[[], None]) -> tuple[float, list[float]]:
+    """Run every batch through `step`; time all but the first `warmup`. Returns (s/step, losses)."""
+    losses = [step(x, y) for x, y in batches[:warmup]]
+    sync()
+    start = time.perf_counter()
+    losses += [step(x, y) for x, y in batches[warmup:]]
+    sync()
+    return (time.perf_counter() - start) / max(1, len(batches) - warmup), losses
+
+
+def bench_ours(model: GPTModel, batches, warmup) -> Result:
+    """Our model on the active backend."""
+    optimizer = engine.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def step(x: np.ndarray, y: np.ndarray) -> float:
+        optimizer.zero_grad()
+        loss = calc_loss_batch(x, y, model)
+        loss.backward()
+        optimizer.step()
+        return float(loss.item())
+
+    backend = engine.get_backend()
+    sync = torch.cuda.synchronize if backend.name == "triton" and torch.cuda.is_available() else (lambda: None)
+    seconds, losses = run_steps(step, batches, warmup, sync)
+    return Result(f"ours ({backend.name} backend, fp32)", seconds, losses)
+
+
+def bench_torch(name: str, config, initial, batches, warmup, device: str, bf16: bool = False,
+                compile_model: bool = False) -> Result:
+    model = from_state_dict(config, initial, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    forward = torch.compile(model) if compile_model else model
+    autocast = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    on_device = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
+    lookup = {id(x): pair for (x, _), pair in zip(batches, on_device)}
+
+    def step(x: np.ndarray, y: np.ndarray) -> float:
+        xt, yt = lookup[id(x)]
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            logits = forward(xt)  # (B, T, V)
+        loss = torch_F.cross_entropy(logits.flatten(0, 1).float(), yt.flatten())
+        loss.backward()
+        optimizer.step()
+        return float(loss.item())
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        seconds, losses = run_steps(step, batches, warmup, sync)
+    except Exception as err:  # torch.compile may be unavailable (no compiler, unsupported GPU)
+        if not compile_model:
+            raise
+        return Result(name, None, [], f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
+    return Result(name, seconds, losses)
+
+
+def print_table(results: list[Result], tokens_per_step: int) -> None:
+    ours = results[0]
+    header = f"{'provider':<40} {'ms/step':>9} {'tokens/s':>10} {'ours/this':>10} {'max |dloss|':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if r.seconds_per_step is None:
+            print(f"{r.name:<40} {r.note}")
+            continue
+        k = min(COMPARED_LOSSES, len(r.losses), len(ours.losses))
+        diff = "-" if r is ours else f"{np.max(np.abs(np.subtract(r.losses[:k], ours.losses[:k]))):.2e}"
+        ratio = r.seconds_per_step / ours.seconds_per_step
+        print(f"{r.name:<40} {1e3 * r.seconds_per_step:9.1f} {tokens_per_step / r.seconds_per_step:10.0f} "
+              f"{ratio:10.2f} {diff:>12}")
+    print(f"\nours/this: our tokens/s divided by the provider's (> 1: ours is faster). max |dloss|: largest "
+          f"difference to our loss over the first {COMPARED_LOSSES} steps (same weights and batches).")
+    print("first losses: " + "; ".join(f"{r.name.split(' (')[0]} {[round(v, 5) for v in r.losses[:3]]}"
+                                       for r in results if r.losses))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="mini", choices=sorted(PRESETS), help="model preset (default: mini)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per provider (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default: 4)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="tokens per sequence (default: the preset's context length)")
+    p.add_argument("--backend", choices=("numpy", "triton"), default=None,
+                   help="our backend (default: triton with a CUDA GPU, else numpy)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile (default: on a GPU only)")
+    p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warmup step (a smoke run)")
+    add_data_dir_argument(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 3, 1
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise SystemExit("--steps and --batch-size must be >= 1, --warmup >= 0")
+    cuda = torch.cuda.is_available()
+    engine.set_backend(args.backend or ("triton" if cuda else "numpy"))
+    device = "cuda" if cuda else "cpu"
+    overrides = {"drop_rate": 0.0} | ({"context_length": args.context_length} if args.context_length else {})
+    config = get_config(args.preset, **overrides)
+    tokens = args.batch_size * config.context_length
+    batches = make_batches(args.warmup + args.steps, args.batch_size, config.context_length, config.vocab_size,
+                           args.data_dir)
+
+    engine.manual_seed(0)
+    model = GPTModel(config)
+    initial = model.state_dict()  # copies, taken before any step changes the weights
+    where = torch.cuda.get_device_name() if cuda else f"CPU, torch {torch.get_num_threads()} threads"
+    print(f"training bench: {args.preset} ({count_parameters(model):,} parameters), batch "
+          f"{args.batch_size} x {config.context_length} = {tokens} tokens/step, AdamW, dropout off; "
+          f"{args.warmup} warmup + {args.steps} timed steps; {where}\n")
+    ours = bench_ours(model, batches, args.warmup)
+    results = [ours, bench_torch("torch eager (fp32)", config, initial, batches, args.warmup, device)]
+    if cuda:
+        results.append(bench_torch("torch eager (bf16 autocast, SDPA)", config, initial, batches, args.warmup,
+                                   device, bf16=True))
+    if args.compile if args.compile is not None else cuda:
+        results.append(bench_torch(f"torch.compile ({'bf16 autocast' if cuda else 'fp32'})", config, initial,
+                                   batches, args.warmup, device, bf16=cuda, compile_model=True))
+    print_table(results, tokens)
+
+
+if __name__ == "__main__":
+    main()
