@@ -17,11 +17,12 @@ load rather than silently mixed.
 
 from __future__ import annotations
 
+
 import json
 import os
 import secrets
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,6 +93,10 @@ def save_checkpoint(
     for name, p in params.items():
         tensors[f"model.{name}"] = np.ascontiguousarray(p.numpy())
     tied = {name: first_name[id(p)] for name, p in _all_named_parameters(model) if name not in params}
+    if config.tie_weights and not tied:
+        # NOTE: the model was untied after it was built (merge_lora on a tied head): record
+        # that, or loading would tie the two weights again and one would silently win.
+        config = replace(config, tie_weights=False)
 
     optimizer_meta = None
     if optimizer is not None:
