@@ -29,13 +29,13 @@ from model.tokenizer import SimpleTokenizerV2
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    """The data dir: CI points SCRATCHGPT_DATA_DIR at the shared data folder. Never downloads."""
+    """The data dir: CI points SCRATCHGPT_DATA_DIR at the shared data folder. Downloads a missing file when online."""
     return resolve_data_dir()
 
 
 @pytest.fixture(scope="module")
 def verdict(data_dir) -> str:
-    return data_file("the-verdict.txt", data_dir, download=False).read_text(encoding="utf-8")
+    return data_file("the-verdict.txt", data_dir).read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------ sliding windows

@@ -50,7 +50,7 @@ P, X = 50256, -100  # pad / end-of-text id, ignored target
 
 @pytest.fixture(scope="module")
 def data() -> list[dict]:
-    return load_instruction_data(data_file("instruction-data.json", download=False))
+    return load_instruction_data(data_file("instruction-data.json"))
 
 
 # --- prompt format, split, loading ---

@@ -15,12 +15,12 @@ from model.tokenizer import SimpleTokenizerV1, SimpleTokenizerV2, UnknownTokenEr
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    """The data dir: CI points SCRATCHGPT_DATA_DIR at the shared data folder. Never downloads."""
+    """The data dir: CI points SCRATCHGPT_DATA_DIR at the shared data folder. Downloads a missing file when online."""
     return resolve_data_dir()
 
 
 def read_text(data_dir: Path, relpath: str) -> str:
-    return data_file(relpath, data_dir, download=False).read_text(encoding="utf-8")
+    return data_file(relpath, data_dir).read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def gpt2(data_dir):
 @pytest.fixture(scope="module")
 def our_gpt2(data_dir) -> BytePairTokenizer:
     return BytePairTokenizer.from_gpt2_files(
-        data_file("gpt2/encoder.json", data_dir, download=False), data_file("gpt2/vocab.bpe", data_dir, download=False)
+        data_file("gpt2/encoder.json", data_dir), data_file("gpt2/vocab.bpe", data_dir)
     )
 
 

@@ -47,7 +47,7 @@ def restore_backend():
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "verdict-5000.txt"
-    path.write_text(data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")[:5000])
+    path.write_text(data_file("the-verdict.txt").read_text(encoding="utf-8")[:5000])
     return str(path)
 
 
@@ -116,7 +116,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(full_run, text_file, tmp_path):
 @pytest.fixture(scope="module")
 def verdict_loaders():
     tokenizer = gpt2_tokenizer()
-    text = data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")
+    text = data_file("the-verdict.txt").read_text(encoding="utf-8")
     return create_dataloaders(text, tokenizer, context_length=16, stride=16, batch_size=8, seed=123)
 
 
