@@ -113,7 +113,9 @@ def gelu(x: Tensor) -> Tensor:
 class _BiasGelu(Function):
     def forward(self, x, bias):
         if bias.shape != x.shape[-1:]:
-            raise ValueError(f"bias_gelu: bias shape {tuple(bias.shape)} must be ({x.shape[-1]},) for input {tuple(x.shape)}")
+            raise ValueError(
+                f"bias_gelu: bias shape {tuple(bias.shape)} must be ({x.shape[-1]},) for input {tuple(x.shape)}"
+            )
         self.save_for_backward(x, bias)
         return get_backend().bias_gelu_forward(x, bias)
 
@@ -153,7 +155,8 @@ class _Attention(Function):
     def forward(self, q, k, v, scale: float, causal: bool, dropout_p: float, seed: int):
         if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
             raise ValueError(
-                f"attention: q, k, v must be (B, H, T, D), got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+                "attention: q, k, v must be (B, H, T, D), got shapes "
+                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
             )
         self.args = (scale, causal, dropout_p, seed)
         o, lse = get_backend().attention_forward(q, k, v, *self.args)
@@ -180,9 +183,7 @@ def attention(
     return _Attention.apply(q, k, v, scale=scale, causal=causal, dropout_p=dropout_p, seed=seed)
 
 
-def causal_attention(
-    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: float | None = None
-) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: float | None = None) -> Tensor:
     """Causal ``attention``: each query sees itself and the keys before it."""
     return attention(q, k, v, causal=True, dropout_p=dropout_p, scale=scale)
 

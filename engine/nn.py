@@ -109,7 +109,9 @@ class Module:
             problems.append(f"unexpected keys: {', '.join(unexpected)}")
         for key, p in own.items():
             if key in state and tuple(np.shape(state[key])) != p.shape:
-                problems.append(f"shape mismatch for {key}: checkpoint has {tuple(np.shape(state[key]))}, model has {p.shape}")
+                problems.append(
+                    f"shape mismatch for {key}: checkpoint has {tuple(np.shape(state[key]))}, model has {p.shape}"
+                )
         if problems:
             raise KeyError(f"load_state_dict into {type(self).__name__} failed: " + "; ".join(problems))
         backend = get_backend()

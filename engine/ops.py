@@ -19,9 +19,7 @@ def _broadcast_shape(op: str, a: Any, b: Any) -> tuple[int, ...]:
     try:
         return np.broadcast_shapes(tuple(a.shape), tuple(b.shape))
     except ValueError:
-        raise ValueError(
-            f"{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be broadcast together"
-        ) from None
+        raise ValueError(f"{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be broadcast together") from None
 
 
 class _Binary(Function):
@@ -126,7 +124,9 @@ class MatMul(Function):
 
     def forward(self, a, b):
         if a.ndim == 0 or b.ndim == 0:
-            raise ValueError(f"matmul: operands must have at least 1 dim, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+            raise ValueError(
+                f"matmul: operands must have at least 1 dim, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+            )
         if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
             raise ValueError(
                 f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not match: "

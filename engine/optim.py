@@ -49,7 +49,10 @@ class Optimizer:
                 )
             for i, (b, p) in enumerate(zip(bufs, self.params)):
                 if b is not None and tuple(b.shape) != p.shape:
-                    raise ValueError(f"{type(self).__name__}.load_state_dict: {name}[{i}] has shape {b.shape}, parameter has {p.shape}")
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: {name}[{i}] has shape {b.shape}, "
+                        f"parameter has {p.shape}"
+                    )
                 own[name][i] = None if b is None else backend.copy(backend.asarray(b, p.dtype))
         self.step_count = int(state["step_count"])
         self.lr = float(state["lr"])
@@ -61,8 +64,15 @@ class Optimizer:
 class SGD(Optimizer):
     """p -= lr * buf, with buf = momentum * buf + (1 - dampening) * g (torch.optim.SGD)."""
 
-    def __init__(self, params: Iterable[Tensor], lr: float = 1e-2, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False):
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1e-2,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ):
         super().__init__(params, lr)
         self.momentum, self.dampening, self.weight_decay, self.nesterov = momentum, dampening, weight_decay, nesterov
         self.momentum_buffers: list[Any] = [None] * len(self.params)
@@ -93,8 +103,14 @@ class SGD(Optimizer):
 class AdamW(Optimizer):
     """Adam with decoupled weight decay, the same update as torch.optim.AdamW."""
 
-    def __init__(self, params: Iterable[Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2):
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
         super().__init__(params, lr)
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
@@ -117,8 +133,9 @@ class AdamW(Optimizer):
                 continue
             # p ← p·(1 − lr·wd);  m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²
             # p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
-            backend.adamw_update(p.data, p.grad, m, v, self.lr, beta1, beta2, self.eps, self.weight_decay,
-                                 bias1, bias2_sqrt)
+            backend.adamw_update(
+                p.data, p.grad, m, v, self.lr, beta1, beta2, self.eps, self.weight_decay, bias1, bias2_sqrt
+            )
 
 
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:
@@ -136,8 +153,9 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:
     return total
 
 
-def warmup_cosine_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: int,
-                     initial_lr: float = 0.0, min_lr: float = 0.0) -> float:
+def warmup_cosine_lr(
+    step: int, peak_lr: float, warmup_steps: int, total_steps: int, initial_lr: float = 0.0, min_lr: float = 0.0
+) -> float:
     """Linear warmup from ``initial_lr`` to ``peak_lr`` over ``warmup_steps``, then cosine decay
     to ``min_lr`` at ``total_steps`` (the book's appendix D schedule)."""
     if step < warmup_steps:
@@ -149,11 +167,19 @@ def warmup_cosine_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: 
 class WarmupCosineSchedule:
     """Sets ``optimizer.lr`` from ``warmup_cosine_lr`` each time ``step()`` is called."""
 
-    def __init__(self, optimizer: Optimizer, peak_lr: float, warmup_steps: int, total_steps: int,
-                 initial_lr: float = 0.0, min_lr: float = 0.0):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        peak_lr: float,
+        warmup_steps: int,
+        total_steps: int,
+        initial_lr: float = 0.0,
+        min_lr: float = 0.0,
+    ):
         self.optimizer = optimizer
-        self.kwargs = dict(peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps,
-                           initial_lr=initial_lr, min_lr=min_lr)
+        self.kwargs = dict(
+            peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, initial_lr=initial_lr, min_lr=min_lr
+        )
         self.last_step = 0
         optimizer.lr = warmup_cosine_lr(0, **self.kwargs)
 

@@ -17,7 +17,6 @@ load rather than silently mixed.
 
 from __future__ import annotations
 
-
 import json
 import os
 import secrets

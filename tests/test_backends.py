@@ -94,7 +94,10 @@ def test_transformer_block_forward_and_every_gradient():
         logits = model(ids)
         loss = F.cross_entropy(logits, (ids + 1) % 11)
         loss.backward()
-        results[name] = (logits.numpy(), {n: engine.get_backend().to_numpy(p.grad) for n, p in model.named_parameters()})
+        results[name] = (
+            logits.numpy(),
+            {n: engine.get_backend().to_numpy(p.grad) for n, p in model.named_parameters()},
+        )
     assert_close(results["triton"][0], results["numpy"][0], 1e-5, 1e-5, "logits")
     for n, g in results["numpy"][1].items():
         assert_close(results["triton"][1][n], g, 1e-5, 1e-4, f"grad {n}")

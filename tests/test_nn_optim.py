@@ -72,7 +72,9 @@ def test_one_layer_transformer_trains_like_torch_for_50_steps():
         ours_opt.step()
         ours_losses.append(loss.item())
 
-        ref = TF.cross_entropy(torch_forward(params, torch.tensor(ids)).reshape(-1, V), torch.tensor(targets).reshape(-1))
+        ref = TF.cross_entropy(
+            torch_forward(params, torch.tensor(ids)).reshape(-1, V), torch.tensor(targets).reshape(-1)
+        )
         torch_opt.zero_grad()
         ref.backward()
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
@@ -149,7 +151,10 @@ def test_clip_grad_norm_matches_torch():
 
 
 def test_warmup_cosine_schedule():
-    lrs = [optim.warmup_cosine_lr(s, 1.0, warmup_steps=10, total_steps=110, initial_lr=0.1, min_lr=0.01) for s in range(111)]
+    lrs = [
+        optim.warmup_cosine_lr(s, 1.0, warmup_steps=10, total_steps=110, initial_lr=0.1, min_lr=0.01)
+        for s in range(111)
+    ]
     assert lrs[0] == pytest.approx(0.1)
     assert lrs[5] == pytest.approx(0.55)
     assert lrs[10] == pytest.approx(1.0)

@@ -44,7 +44,9 @@ def _enable_interpreter_if_needed() -> str:
             )
         # NOTE: must happen before the first @triton.jit decorator runs.
         os.environ["TRITON_INTERPRET"] = "1"
-        warnings.warn("no CUDA GPU: the triton backend runs its kernels in Triton's CPU interpreter (slow)", stacklevel=3)
+        warnings.warn(
+            "no CUDA GPU: the triton backend runs its kernels in Triton's CPU interpreter (slow)", stacklevel=3
+        )
     return "cpu"
 
 
