@@ -61,6 +61,7 @@ from engine import nn, optim
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import PRESETS, GPTConfig, get_config
 from model.datadir import add_data_dir_argument
+from model.distributed import Distributed, add_ddp_argument, run_maybe_distributed
 from model.gpt import GPTModel, model_from_state_dict
 from model.gpt2_tokenizer import gpt2_tokenizer
 from model.hf_gpt2 import HF_MODELS, HFDownloadError, download_hf_gpt2, load_hf_gpt2
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="engine backend (default: triton with a CUDA GPU, else numpy)")
     tr.add_argument("--out-dir", default="runs/classify", help="where the checkpoint, plots and history go")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ddp_argument(tr)
     add_data_dir_argument(p)
     return p
 
@@ -308,6 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--lora-alpha needs --lora-rank")
     if args.backend:
         engine.set_backend(args.backend)
+    # NOTE: launched by torchrun, every process trains data-parallel; --batch-size is per process.
+    return run_maybe_distributed(lambda distributed: _train(parser, args, distributed), args.ddp_timeout)
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, distributed: Distributed | None) -> int:
+    """The training command after argument checks: build, fine-tune, evaluate, save."""
+    world = 1 if distributed is None else distributed.world_size
+    is_main = distributed is None or distributed.is_main
+    print_ = print if is_main else (lambda *args, **kwargs: None)  # only rank 0 talks
     engine.manual_seed(args.seed)
 
     start_time, start_cpu = time.perf_counter(), time.process_time()
@@ -320,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora_rank is not None:
         alpha = args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)
         mode = f"LoRA rank {args.lora_rank}, alpha {alpha:g}"
-        print(apply_lora(model, args.lora_rank, alpha))
+        print_(apply_lora(model, args.lora_rank, alpha))
     else:
         mode = "all parameters" if args.train_all else "last block + final LayerNorm + head"
         freeze_for_finetuning(model, "all" if args.train_all else "last-block")
@@ -328,16 +339,19 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = gpt2_tokenizer(args.data_dir)
     try:
-        data = create_spam_loaders(tokenizer, config.context_length, args.max_length, args.batch_size,
+        data = create_spam_loaders(tokenizer, config.context_length, args.max_length, args.batch_size * world,
                                    seed=args.seed, data_dir=args.data_dir)
     except (ValueError, FileNotFoundError) as err:  # a bad --max-length, a missing or malformed data file
         parser.error(str(err))
-    print(f"SMS spam: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test messages of "
-          f"{data.max_length} tokens (padded with {PAD_TOKEN_ID}); {len(data.train_loader)} batches per epoch")
+    if distributed is not None:
+        distributed.check_same_config({k: v for k, v in vars(args).items() if k not in ("data_dir", "ddp_timeout")}
+                                      | {"world_size": world, "backend": engine.get_backend().name})
+    print_(f"SMS spam: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test messages of "
+           f"{data.max_length} tokens (padded with {PAD_TOKEN_ID}); {len(data.train_loader)} batches per epoch")
     if data.truncation_note():
-        print(data.truncation_note())
-    print(f"model: {source}, backend {engine.get_backend().name}; training {mode}: "
-          f"{trainable:,} of {total:,} parameters")
+        print_(data.truncation_note())
+    print_(f"model: {source}, backend {engine.get_backend().name}; training {mode}: "
+           f"{trainable:,} of {total:,} parameters")
 
     optimizer = optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     train_config = TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
@@ -351,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         train_acc = calc_accuracy_loader(data.train_loader, model, args.eval_iters)
         val_acc = calc_accuracy_loader(data.val_loader, model, args.eval_iters)
         accuracy["epoch"].append(state.epoch)
-        accuracy["examples_seen"].append(state.step * args.batch_size)
+        accuracy["examples_seen"].append(state.step * args.batch_size * world)
         accuracy["train_acc"].append(train_acc)
         accuracy["val_acc"].append(val_acc)
-        tqdm.write(f"epoch {state.epoch}: training accuracy {train_acc:.2%} | validation accuracy {val_acc:.2%}")
+        if is_main:
+            tqdm.write(f"epoch {state.epoch}: training accuracy {train_acc:.2%} | validation accuracy {val_acc:.2%}")
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -375,11 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     train_start = time.perf_counter()
     try:
         history = train(model, optimizer, data.train_loader, data.val_loader, train_config, loss_fn=calc_loss_batch,
-                        on_step=after_step, progress=not args.no_progress,
+                        on_step=after_step, progress=not args.no_progress, distributed=distributed,
                         save_fn=lambda st: save(st.step, {"history": {**st.history, "accuracy": accuracy},
                                                           "interrupted": True}))
     except TrainingInterrupted as stop:
-        print(f"\ninterrupted after step {stop.state.step}; checkpoint saved to {stop.checkpoint}", file=sys.stderr)
+        print_(f"\ninterrupted after step {stop.state.step}; checkpoint saved to {stop.checkpoint}", file=sys.stderr)
         return 130
     train_time = time.perf_counter() - train_start
 
@@ -387,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
              (("train", data.train_loader), ("val", data.val_loader), ("test", data.test_loader))}
     seconds = {"train": train_time, "total": time.perf_counter() - start_time, "cpu": time.process_time() - start_cpu}
     history.update(accuracy=accuracy, final_accuracy=final, seconds=seconds)
+    if not is_main:  # rank 0 alone writes (every rank holds the same weights)
+        return 0
     path = save(len(history["step_loss"]), {"history": history, "accuracy": final})
     plots = _plot(history, accuracy, args.batch_size, len(data.train_loader), out_dir)
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))

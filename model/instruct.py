@@ -33,6 +33,7 @@ from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import PRESETS, get_config
 from model.data import DataLoader
 from model.datadir import DataFileNotFoundError, add_data_dir_argument
+from model.distributed import Distributed, add_ddp_argument, run_maybe_distributed
 from model.generate import generate
 from model.gpt import GPTModel, count_parameters, model_from_state_dict
 from model.gpt2_tokenizer import gpt2_tokenizer
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-file", metavar="PATH", default=None,
                    help="instruction JSON to use instead of instruction-data.json from the data dir")
     add_data_dir_argument(p)
+    add_ddp_argument(p)
     p.add_argument("--drop-rate", type=float, default=0.0, help="dropout rate of the model (the book uses 0)")
     p.add_argument("--max-length", type=int, default=None,
                    help="cut training sequences to this many tokens (default: the model's context length)")
@@ -173,15 +175,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             score_file(args.evaluate, **judge)
             return 0
         _check_args(parser, args)
-        return _fine_tune(parser, args, judge)
+        if args.backend:
+            engine.set_backend(args.backend)
+        # NOTE: launched by torchrun, every process trains data-parallel; --batch-size is per process.
+        return run_maybe_distributed(lambda distributed: _fine_tune(parser, args, judge, distributed),
+                                     args.ddp_timeout)
     except (InstructionDataError, DataFileNotFoundError, CheckpointError, HFDownloadError, JudgeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
 
-def _fine_tune(parser: argparse.ArgumentParser, args: argparse.Namespace, judge: dict[str, Any]) -> int:
-    if args.backend:
-        engine.set_backend(args.backend)
+def _fine_tune(parser: argparse.ArgumentParser, args: argparse.Namespace, judge: dict[str, Any],
+               distributed: Distributed | None = None) -> int:
+    """Fine-tune, then answer and score the test entries (rank 0 alone after training).
+
+    Under DDP each rank's loss is the token mean of its shard and the gradients are averaged
+    over ranks, so the step equals the one-process step only when the shards hold equally
+    many target tokens (close, not exact, with padding)."""
+    world = 1 if distributed is None else distributed.world_size
+    is_main = distributed is None or distributed.is_main
+    print_ = print if is_main else (lambda *args, **kwargs: None)  # only rank 0 talks
     engine.manual_seed(args.seed)
     progress = not args.no_progress
     model, source = load_start_model(args)
@@ -200,29 +213,32 @@ def _fine_tune(parser: argparse.ArgumentParser, args: argparse.Namespace, judge:
         test_data = test_data[:args.max_test_entries]
     train_set, val_set = InstructionDataset(train_data, tokenizer), InstructionDataset(val_data, tokenizer)
     batch_fn = functools.partial(collate, allowed_max_length=max_length, mask_prompt=args.mask_prompt)
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True, seed=args.seed,
+    train_loader = DataLoader(train_set, args.batch_size * world, shuffle=True, drop_last=True, seed=args.seed,
                               collate_fn=batch_fn)
-    val_loader = DataLoader(val_set, args.batch_size, shuffle=False, drop_last=False, collate_fn=batch_fn)
+    val_loader = DataLoader(val_set, args.batch_size * world, shuffle=False, drop_last=False, collate_fn=batch_fn)
     cut = sum(len(ex.ids) > max_length for ex in train_set.examples)
-    print(f"{len(data)} entries: {len(train_data)} train / {len(test_data)} test / {len(val_data)} val; "
-          f"{len(train_loader)} training batches of {args.batch_size}; {cut} training sequences cut to "
-          f"{max_length} tokens")
+    print_(f"{len(data)} entries: {len(train_data)} train / {len(test_data)} test / {len(val_data)} val; "
+           f"{len(train_loader)} training batches of {args.batch_size * world}; {cut} training sequences cut to "
+           f"{max_length} tokens")
     if args.mask_prompt:
         lost = sum(ex.prompt_length >= max_length for ex in train_set.examples)
         if lost:
-            print(f"warning: {lost} training entries have no response tokens within {max_length} tokens, so "
-                  "--mask-prompt leaves them nothing to learn", file=sys.stderr)
+            print_(f"warning: {lost} training entries have no response tokens within {max_length} tokens, so "
+                   "--mask-prompt leaves them nothing to learn", file=sys.stderr)
 
     if args.lora_rank:
-        print(add_lora(model, args.lora_rank, args.lora_alpha))
+        print_(add_lora(model, args.lora_rank, args.lora_alpha))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"model: {source}, {count_parameters(model):,} parameters ({sum(p.size for p in trainable):,} trainable), "
-          f"backend {engine.get_backend().name}")
+    print_(f"model: {source}, {count_parameters(model):,} parameters ({sum(p.size for p in trainable):,} trainable), "
+           f"backend {engine.get_backend().name}")
     optimizer = optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_args = dict(vars(args))
+    if distributed is not None:
+        distributed.check_same_config({k: v for k, v in run_args.items() if k not in ("data_dir", "ddp_timeout")}
+                                      | {"world_size": world, "backend": engine.get_backend().name})
 
     def save(step: int, history: dict[str, list]) -> Path:
         if args.lora_rank:  # the adapters alone, then folded in: the checkpoint is a plain GPTModel
@@ -239,23 +255,27 @@ def _fine_tune(parser: argparse.ArgumentParser, args: argparse.Namespace, judge:
     start = time.perf_counter()
     try:
         history = train(model, optimizer, train_loader, val_loader, train_config, tokenizer=tokenizer, state=state,
-                        save_fn=lambda st: save(st.step, st.history), progress=progress)
+                        save_fn=lambda st: save(st.step, st.history), progress=progress, distributed=distributed)
     except TrainingInterrupted as stop:
+        if not is_main:
+            return 130
         _write_history(out_dir, stop.state.history)
-        print(f"\ninterrupted after step {stop.state.step}; checkpoint saved to {stop.checkpoint}", file=sys.stderr)
+        print_(f"\ninterrupted after step {stop.state.step}; checkpoint saved to {stop.checkpoint}", file=sys.stderr)
         return 130
     train_seconds = time.perf_counter() - start
     steps = state.step
+    if not is_main:  # rank 0 alone saves, answers the test entries and scores them
+        return 0
     ckpt = save(steps, history)
     plot = _write_history(out_dir, history)
     if history["train_loss"]:
-        print(f"trained {steps} steps in {train_seconds:.1f} s: train loss {history['train_loss'][-1]:.3f}, "
-              f"val loss {history['val_loss'][-1]:.3f}; checkpoint {ckpt}" + (f", loss plot {plot}" if plot else ""))
+        print_(f"trained {steps} steps in {train_seconds:.1f} s: train loss {history['train_loss'][-1]:.3f}, "
+               f"val loss {history['val_loss'][-1]:.3f}; checkpoint {ckpt}" + (f", loss plot {plot}" if plot else ""))
 
     start = time.perf_counter()
     responses = generate_responses(model, tokenizer, test_data, args.max_new_tokens, progress)
     responses_path = write_json_atomic(out_dir / RESPONSES_FILE, responses)
-    print(f"{len(responses)} test responses in {time.perf_counter() - start:.1f} s -> {responses_path}")
+    print_(f"{len(responses)} test responses in {time.perf_counter() - start:.1f} s -> {responses_path}")
     scored = score_entries(responses, **judge)
     write_json_atomic(out_dir / "scores.json", scored)
     return 0

@@ -11,6 +11,10 @@ Ctrl-C saves a checkpoint that ``--resume`` continues with exactly the losses an
 uninterrupted run would have had. The loop itself is `train`, reused by the
 fine-tuning commands; `calc_loss_batch`, `calc_loss_loader` and `evaluate` are the
 book's evaluation helpers.
+
+Launched by torchrun (``torchrun --nproc_per_node=N -m model.train ...``) it trains
+data-parallel (model.distributed): ``--batch-size`` is then per process, so the run equals
+a one-process run with batch N x batch size; only rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import PRESETS, get_config
 from model.data import create_dataloaders
 from model.datadir import DataFileNotFoundError, add_data_dir_argument, data_file
+from model.distributed import Distributed, add_ddp_argument, run_maybe_distributed
 from model.generate import generate, ids_to_text, text_to_ids
 from model.gpt import GPTModel, count_parameters
 from model.gpt2_tokenizer import gpt2_tokenizer
@@ -224,6 +229,7 @@ def train(
     on_step: Callable[[TrainState, float], None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    distributed: Distributed | None = None,
 ) -> dict[str, list]:
     """The book's train_model_simple, resumable. Returns the history (`new_history`).
 
@@ -235,10 +241,26 @@ def train(
     On KeyboardInterrupt the state of the last step boundary is handed to `save_fn` and
     `TrainingInterrupted` is raised. `on_step(state, loss)` runs after every step; `log` prints
     the evaluations and samples (default: above the progress bar).
+
+    With `distributed` (model.distributed) the run is data-parallel: the loaders yield global
+    batches, each rank computes the loss on its shard, gradients are averaged before clipping,
+    step and evaluation losses are averaged over the ranks (so the history is that of the
+    one-process run with the global batch), and only rank 0 logs, shows the bar and calls
+    `save_fn` on Ctrl-C (every rank generates the greedy samples, so the ranks stay in step).
     """
     config = config or TrainConfig()
     state = state if state is not None else TrainState()
     log = log or _log
+    is_main = distributed is None or distributed.is_main
+    step_loss_fn, eval_loss_fn = loss_fn, loss_fn
+    if distributed is not None:
+        distributed.broadcast_parameters(model)
+
+        def step_loss_fn(inputs: Any, targets: Any, model: Any) -> engine.Tensor:
+            return loss_fn(distributed.shard(inputs), distributed.shard(targets), model)
+
+        eval_loss_fn = distributed.sharded_mean(loss_fn)
+        log = log if is_main else _quiet
     history = state.history
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -255,7 +277,7 @@ def train(
     state.rng_state = backend.rng_state()
 
     model.train()
-    bar = tqdm(total=last_step, initial=min(state.step, last_step), unit="step", disable=not progress,
+    bar = tqdm(total=last_step, initial=min(state.step, last_step), unit="step", disable=not (progress and is_main),
                dynamic_ncols=True)
     try:
         with _InterruptGuard(log) as guard:
@@ -264,21 +286,27 @@ def train(
                 for input_batch, target_batch in train_loader:
                     optimizer.lr = lr = config.lr_at(state.step, total_steps)
                     optimizer.zero_grad()
-                    loss = loss_fn(input_batch, target_batch, model)
+                    loss = step_loss_fn(input_batch, target_batch, model)
                     loss.backward()
+                    if distributed is not None:
+                        distributed.all_reduce_gradients(params)
                     with guard.deferred():
                         if config.grad_clip is not None:
                             optim.clip_grad_norm_(params, config.grad_clip)
                         optimizer.step()
                         loss_value = float(loss.item())
+                        if distributed is not None:
+                            loss_value = distributed.average(loss_value)
                         state.step, state.batch = state.step + 1, state.batch + 1
                         state.tokens_seen += math.prod(input_batch.shape)
                         history["step_loss"].append(loss_value)
                         history["lr"].append(lr)
                         if (state.step - 1) % config.eval_interval == 0:
-                            _evaluate_and_log(model, train_loader, val_loader, config, state, loss_fn,
+                            _evaluate_and_log(model, train_loader, val_loader, config, state, eval_loss_fn,
                                               steps_per_epoch, log)
                         if state.batch == steps_per_epoch:
+                            # NOTE: under DDP every rank generates (greedy: the same text) so none
+                            # waits in a collective, with its timeout running, while rank 0 samples.
                             if tokenizer is not None and config.sample_prompt:
                                 text = generate_sample(model, tokenizer, config.sample_prompt, config.sample_tokens)
                                 history["samples"].append({"epoch": state.epoch + 1, "step": state.step, "text": text})
@@ -292,7 +320,7 @@ def train(
                     if state.step >= last_step:
                         break
     except KeyboardInterrupt as err:
-        checkpoint = save_fn(state) if save_fn is not None else None
+        checkpoint = save_fn(state) if save_fn is not None and is_main else None
         raise TrainingInterrupted(state, checkpoint) from err
     finally:
         bar.close()
@@ -303,6 +331,10 @@ def _log(message: str) -> None:
     """Print above the progress bar, flushed so a redirected log shows each line as it comes."""
     tqdm.write(message)
     sys.stdout.flush()
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log and `print` of ranks other than 0."""
 
 
 def _evaluate_and_log(model: Any, train_loader: Any, val_loader: Any, config: TrainConfig, state: TrainState,
@@ -320,7 +352,7 @@ def _evaluate_and_log(model: Any, train_loader: Any, val_loader: Any, config: Tr
 
 # --- the command ---
 # Flags that a resumed run does not take from its checkpoint.
-_NOT_RESUMED = ("resume", "max_steps", "data_dir")
+_NOT_RESUMED = ("resume", "max_steps", "data_dir", "ddp_timeout")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -371,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-prompt", default="Every effort moves you",
                    help="prompt continued greedily (50 tokens) after each epoch")
     p.add_argument("--no-sample", action="store_true", help="do not generate a sample after each epoch")
+    add_ddp_argument(p)
     return p
 
 
@@ -423,14 +456,32 @@ def main(argv: list[str] | None = None) -> int:
     args, checkpoint = _parse_args(parser, argv)
     if args.backend:
         engine.set_backend(args.backend)
-    backend = engine.get_backend()
     _set_precision(parser, args.precision)
     try:
         tokenizer = gpt2_tokenizer(args.data_dir)
         text, text_path = _read_text(args)
     except DataFileNotFoundError as err:
         parser.error(str(err))
+    # NOTE: launched by torchrun, every process trains data-parallel; --batch-size is per process.
+    return run_maybe_distributed(
+        lambda distributed: _run(parser, args, checkpoint, tokenizer, text, text_path, distributed), args.ddp_timeout
+    )
 
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: Any, tokenizer: Any, text: str,
+         text_path: Path, distributed: Distributed | None) -> int:
+    """`main` after the arguments, the backend and the data: build, train, save."""
+    backend = engine.get_backend()
+    world = 1 if distributed is None else distributed.world_size
+    is_main = distributed is None or distributed.is_main
+    say = print if is_main else _quiet
+    if checkpoint is not None:  # the data position counts global batches: their size must stay
+        saved_world = checkpoint.extra.get("world_size", 1)
+        saved_batch = checkpoint.extra["train_args"]["batch_size"]
+        if saved_world * saved_batch != world * args.batch_size:
+            parser.error(f"--resume: the run was saved with a global batch of {saved_world * saved_batch} "
+                         f"({saved_world} processes x {saved_batch}), this one has {world * args.batch_size} "
+                         f"({world} x {args.batch_size}): choose --batch-size so that processes x batch size stays")
     engine.manual_seed(args.seed)
     if checkpoint is None:
         config = get_config(args.preset, context_length=args.context_length, drop_rate=args.drop_rate,
@@ -445,21 +496,25 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(checkpoint.optimizer_state)
         state = TrainState.from_dict(checkpoint.extra["train_state"])
     train_loader, val_loader = create_dataloaders(text, tokenizer, config.context_length, config.context_length,
-                                                  args.batch_size, train_fraction=0.9, seed=args.seed)
+                                                  args.batch_size * world, train_fraction=0.9, seed=args.seed)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint"
     train_args = {k: v for k, v in vars(args).items() if k != "resume"}
+    if distributed is not None:
+        distributed.check_same_config({k: v for k, v in train_args.items() if k not in ("data_dir", "ddp_timeout")}
+                                      | {"world_size": world, "backend": backend.name})
 
     def save(st: TrainState) -> Path:
         return save_checkpoint(ckpt_path, model, config, optimizer, step=st.step,
-                               extra={"train_state": st.to_dict(), "train_args": train_args})
+                               extra={"train_state": st.to_dict(), "train_args": train_args, "world_size": world})
 
-    print(f"{text_path.name}: {len(train_loader)} training and {len(val_loader)} validation batches of "
-          f"{args.batch_size} x {config.context_length} tokens")
-    print(f"model {args.preset}: {count_parameters(model):,} parameters, backend {backend.name} ({args.precision})")
+    say(f"{text_path.name}: {len(train_loader)} training and {len(val_loader)} validation batches of "
+        f"{args.batch_size * world} x {config.context_length} tokens"
+        + (f" ({world} processes x {args.batch_size})" if distributed is not None else ""))
+    say(f"model {args.preset}: {count_parameters(model):,} parameters, backend {backend.name} ({args.precision})")
     if checkpoint is not None:
-        print(f"resuming from {args.resume} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
+        say(f"resuming from {args.resume} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
     train_config = TrainConfig(
         epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps, min_lr=args.min_lr, grad_clip=args.grad_clip,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, max_steps=args.max_steps,
@@ -468,13 +523,19 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         history = train(model, optimizer, train_loader, val_loader, train_config, tokenizer=tokenizer,
-                        state=state, save_fn=save)
+                        state=state, save_fn=save, distributed=distributed)
     except TrainingInterrupted as stop:
+        if not is_main:
+            return 130
         _write_outputs(out_dir, stop.state.history)
         print(f"\ninterrupted after step {stop.state.step}; checkpoint saved to {stop.checkpoint}\n"
               f"resume with: python -m model.train --resume {ckpt_path}", file=sys.stderr)
         return 130
     elapsed = time.perf_counter() - start
+    if not is_main:
+        # NOTE: rank 0 alone writes. No barrier: torchrun ends the job when every process has
+        # exited, and a barrier would put a multi-GB save under --ddp-timeout.
+        return 0
     path = save(state)
     plot = _write_outputs(out_dir, history)
     if history["train_loss"]:
