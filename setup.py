@@ -14,6 +14,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "threadpoolctl>=3.1",
     ],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5"]},
 )
