@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+INIT_SCHEMES = ("gpt2", "book")
+
 
 @dataclass
 class GPTConfig:
@@ -24,6 +26,10 @@ class GPTConfig:
     qkv_bias: bool = False  # bias on the fused query/key/value projection (GPT-2 has one)
     tie_weights: bool = False  # lm_head.weight is wte.weight (GPT-2 ties them)
     layer_norm_eps: float = 1e-5
+    # "gpt2": N(0, 0.02) weights, zero biases (GPT-2's recipe); "book": PyTorch's layer
+    # defaults, as the book's GPTModel (N(0, 1) embeddings, U(±1/√in) linears), which is
+    # what reaches the book's chapter-5 losses on the-verdict.txt.
+    init: str = "gpt2"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -44,6 +50,8 @@ class GPTConfig:
         for name in ("qkv_bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.init not in INIT_SCHEMES:
+            problems.append(f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
         if problems:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 

@@ -121,7 +121,8 @@ class GPTModel(nn.Module):
         self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # the same Parameter, updated once
-        self._init_weights()
+        if config.init == "gpt2":  # "book": keep the layers' PyTorch-default init
+            self._init_weights()
 
     def _init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases; the projections into the residual

@@ -38,7 +38,7 @@ import engine
 from engine import functional as F
 from engine import optim
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.config import PRESETS, get_config
+from model.config import INIT_SCHEMES, PRESETS, get_config
 from model.data import create_dataloaders
 from model.datadir import DataFileNotFoundError, add_data_dir_argument, data_file
 from model.distributed import Distributed, add_ddp_argument, run_maybe_distributed
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=256,
                    help="context length of the model and of the training windows (stride = context length)")
     p.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate of the model")
+    p.add_argument("--init", choices=INIT_SCHEMES, default="book",
+                   help="weight init: 'book' = PyTorch's layer defaults, as the book's model (reaches the book's "
+                        "losses); 'gpt2' = N(0, 0.02) weights and zero biases, as GPT-2")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split")
     p.add_argument("--batch-size", type=int, default=2, help="sequences per batch")
     p.add_argument("--lr", type=float, default=4e-4, help="(peak) learning rate of AdamW")
@@ -485,7 +488,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: 
     engine.manual_seed(args.seed)
     if checkpoint is None:
         config = get_config(args.preset, context_length=args.context_length, drop_rate=args.drop_rate,
-                            qkv_bias=False)
+                            qkv_bias=False, init=args.init)
     else:
         config = checkpoint.config
     model = GPTModel(config)

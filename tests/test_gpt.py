@@ -198,3 +198,23 @@ def test_runs_on_the_triton_backend():
         assert all(p.grad is not None for p in model.parameters())
     finally:
         engine.set_backend("numpy")
+
+
+def test_init_schemes():
+    """'gpt2': N(0, 0.02) weights and zero biases; 'book': PyTorch's layer defaults, as the book's model."""
+    import numpy as np
+
+    from model.config import get_config
+    from model.gpt import GPTModel
+
+    gpt2 = GPTModel(get_config("tiny", init="gpt2"))
+    book = GPTModel(get_config("tiny", init="book"))
+    assert abs(gpt2.wte.weight.numpy().std() - 0.02) < 0.002
+    assert np.all(gpt2.h[0].mlp.c_fc.bias.numpy() == 0)
+    assert abs(book.wte.weight.numpy().std() - 1.0) < 0.05  # nn.Embedding: N(0, 1)
+    bound = 1 / np.sqrt(64)  # nn.Linear: U(-1/sqrt(in), 1/sqrt(in)), bias too
+    c_fc = book.h[0].mlp.c_fc
+    assert np.abs(c_fc.weight.numpy()).max() <= bound and c_fc.weight.numpy().std() > 0.8 * bound / np.sqrt(3)
+    assert np.abs(c_fc.bias.numpy()).max() > 0
+    with pytest.raises(ValueError, match="init must be one of gpt2, book"):
+        get_config("tiny", init="xavier")
