@@ -227,32 +227,8 @@ class Dropout(Module):
         return f"p={self.p}"
 
 
-class Sequential(Module):
-    def __init__(self, *modules: Module):
-        super().__init__()
-        for i, m in enumerate(modules):
-            setattr(self, str(i), m)
-
-    def forward(self, x: Any) -> Any:
-        for m in self._modules.values():
-            x = m(x)
-        return x
-
-    def __getitem__(self, i: int) -> Module:
-        return list(self._modules.values())[i]
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __iter__(self) -> Iterator[Module]:
-        return iter(self._modules.values())
-
-
-class ModuleList(Module):
-    def __init__(self, modules: Iterable[Module] = ()):
-        super().__init__()
-        for m in modules:
-            self.append(m)
+class _Container(Module):
+    """Sub-modules registered under their position, "0", "1", ..."""
 
     def append(self, module: Module) -> None:
         setattr(self, str(len(self._modules)), module)
@@ -265,3 +241,22 @@ class ModuleList(Module):
 
     def __iter__(self) -> Iterator[Module]:
         return iter(self._modules.values())
+
+
+class Sequential(_Container):
+    def __init__(self, *modules: Module):
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def forward(self, x: Any) -> Any:
+        for m in self:
+            x = m(x)
+        return x
+
+
+class ModuleList(_Container):
+    def __init__(self, modules: Iterable[Module] = ()):
+        super().__init__()
+        for m in modules:
+            self.append(m)

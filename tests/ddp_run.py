@@ -22,7 +22,7 @@ import engine
 from engine import optim
 from model.config import get_config
 from model.data import DataLoader, SlidingWindowDataset
-from model.distributed import Distributed, DistributedError
+from model.distributed import Distributed, run_maybe_distributed
 from model.gpt import GPTModel
 from model.train import TrainConfig, train
 
@@ -51,17 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(epochs=100, lr=args.lr, grad_clip=0.5, eval_interval=2, eval_iters=3, max_steps=args.steps,
                          sample_prompt=None)
 
-    def on_step(state, loss):
-        if distributed is None or distributed.rank != distributed.world_size - 1:
-            return
-        if state.step == args.die_after_step:
-            os._exit(1)
-        if state.step == args.hang_after_step:
-            time.sleep(3600)
+    def run(distributed: Distributed | None) -> int:
+        def on_step(state, loss):
+            if distributed is None or distributed.rank != distributed.world_size - 1:
+                return
+            if state.step == args.die_after_step:
+                os._exit(1)
+            if state.step == args.hang_after_step:
+                time.sleep(3600)
 
-    distributed = None
-    try:
-        distributed = Distributed.from_env(args.timeout)
         if distributed is not None:
             distributed.check_same_config({"lr": args.lr, "global_batch": args.global_batch, "steps": args.steps})
         history = train(model, optimizer, train_loader, val_loader, config, progress=False, on_step=on_step,
@@ -70,13 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out_dir)
             (out / "history.json").write_text(json.dumps(history))
             np.savez(out / "weights.npz", **model.state_dict())
-    except DistributedError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if distributed is not None:
-            distributed.close()
-    return 0
+        return 0
+
+    return run_maybe_distributed(run, args.timeout)
 
 
 if __name__ == "__main__":
