@@ -23,11 +23,10 @@ def gradcheck(fn: Callable[..., Tensor], *inputs: Any, eps: float = 1e-6, atol: 
     naming the input and the worst element on failure; returns True otherwise.
     """
     backend = get_backend()
-    leaves = [
-        Tensor(np.asarray(x.numpy() if isinstance(x, Tensor) else x, dtype=np.float64), requires_grad=True)
-        if np.asarray(x.numpy() if isinstance(x, Tensor) else x).dtype.kind == "f" else x
-        for x in inputs
-    ]
+    arrays = [np.asarray(x.numpy() if isinstance(x, Tensor) else x) for x in inputs]
+    # float inputs become float64 leaves; integer inputs (ids, targets) pass through as they are
+    leaves = [Tensor(a.astype(np.float64), requires_grad=True) if a.dtype.kind == "f" else x
+              for a, x in zip(arrays, inputs)]
     out = fn(*leaves)
     upstream = np.random.default_rng(seed).standard_normal(out.shape)
     out.backward(backend.asarray(upstream, "float64"))
