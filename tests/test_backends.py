@@ -143,3 +143,44 @@ def test_autocast_bf16_keeps_fp32_weights_grads_and_loss():
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
     assert engine.functional.linear(engine.ones(2, 8), model.proj.weight).dtype == torch.float32  # off again
+
+
+def test_small_gpt_same_logits_gradients_and_first_losses_on_both_backends():
+    from engine import optim
+    from model.config import get_config
+    from model.generate import generate
+    from model.gpt import GPTModel
+
+    config = get_config("tiny", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
+    engine.set_backend("numpy")
+    engine.manual_seed(0)
+    state = GPTModel(config).state_dict()
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 97, size=(2, 17)) for _ in range(3)]
+    results = {}
+    for name in ("numpy", "triton"):
+        engine.set_backend(name)
+        model = GPTModel(config)
+        model.load_state_dict(state)
+        opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        losses, first_logits, first_grads = [], None, None
+        for batch in batches:
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits, batch[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            if first_logits is None:
+                first_logits = logits.numpy()
+                first_grads = {n: engine.get_backend().to_numpy(p.grad) for n, p in model.named_parameters()}
+            opt.step()
+            losses.append(loss.item())
+        prompt = batches[0][:1, :4]
+        generated = [generate(model, prompt, 6, use_cache=c) for c in (True, False)]
+        results[name] = (first_logits, first_grads, losses, generated)
+    ref, ours = results["numpy"], results["triton"]
+    assert_close(ours[0], ref[0], 1e-5, 1e-5, "logits")
+    for n, g in ref[1].items():
+        assert_close(ours[1][n], g, 1e-5, 1e-4, f"grad {n}")
+    np.testing.assert_allclose(ours[2], ref[2], atol=1e-5)
+    np.testing.assert_array_equal(ours[3][0], ours[3][1])  # cached == uncached on triton
+    np.testing.assert_array_equal(ours[3][0], ref[3][0])  # and the same tokens as numpy
