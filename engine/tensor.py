@@ -176,14 +176,20 @@ class Tensor:
                 raise ValueError(f"backward(): grad has shape {tuple(grad.shape)}, expected {self.shape}")
 
         grads: dict[int, Any] = {id(self): grad}
+        # How often each gradient array was handed on (the caller's `grad` counts as shared).
+        handed: dict[int, int] = {id(grad): 2}
         for node in reversed(_topological_order(self)):
             g = grads.pop(id(node), None)
             fn = node._fn
             if fn is None:  # a leaf
-                if g is not None:
-                    # NOTE: copy on first write: g may alias another leaf's grad or a saved array,
-                    # and optimizers/clipping update .grad in place.
-                    node.grad = backend.copy(g) if node.grad is None else node.grad + g
+                if g is not None and node.grad is None:
+                    # NOTE: optimizers and clipping update .grad in place, so a leaf may keep g
+                    # itself only if nothing else can see it: not handed to another input too
+                    # (Add gives both inputs the same array), not a view, not the caller's.
+                    shared = handed.get(id(g), 0) > 1 or backend.is_view(g)
+                    node.grad = backend.copy(g) if shared else g
+                elif g is not None:
+                    node.grad = node.grad + g
                 continue
             if g is None:
                 continue
@@ -207,6 +213,7 @@ class Tensor:
                         f"{tuple(pg.shape)} for an input of shape {parent.shape}"
                     )
                 key = id(parent)
+                handed[id(pg)] = handed.get(id(pg), 0) + 1
                 grads[key] = pg if key not in grads else grads[key] + pg
 
     def zero_grad(self) -> None:

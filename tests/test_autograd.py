@@ -127,3 +127,18 @@ def test_float32_stays_float32():
     y.sum().backward()
     assert x.grad.dtype == np.float32
     assert engine.tensor([1.5]).dtype == np.float32  # Python floats default to float32
+
+
+def test_leaf_grads_never_alias_each_other_or_the_callers_array():
+    # Add hands the same upstream array to both inputs; in-place clipping of one must not touch the other.
+    a = engine.tensor([1.0, 2.0], requires_grad=True)
+    b = engine.tensor([3.0, 4.0], requires_grad=True)
+    upstream = np.array([1.0, 1.0], dtype=np.float32)
+    (a + b).backward(upstream)
+    a.grad *= 0.5
+    np.testing.assert_array_equal(b.grad, [1.0, 1.0])
+    np.testing.assert_array_equal(upstream, [1.0, 1.0])
+    c = engine.tensor([[1.0, 2.0]], requires_grad=True)
+    c.reshape(2).backward(np.array([5.0, 6.0], dtype=np.float32))  # a view of the caller's array
+    c.grad *= 0
+    assert c.grad.base is None

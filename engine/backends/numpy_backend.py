@@ -81,6 +81,9 @@ class NumpyBackend(Backend):
     def copy(self, a: Array) -> np.ndarray:
         return a.copy()
 
+    def is_view(self, a: Array) -> bool:
+        return a.base is not None or not a.flags.writeable
+
     # --- randomness ---
     def manual_seed(self, seed: int) -> None:
         self._rng = np.random.default_rng(seed)

@@ -123,6 +123,9 @@ class TritonBackend(Backend):
     def copy(self, a: Array) -> torch.Tensor:
         return a.clone(memory_format=torch.contiguous_format)
 
+    def is_view(self, a: Array) -> bool:
+        return a._base is not None
+
     # --- randomness ---
     def manual_seed(self, seed: int) -> None:
         self._gen.manual_seed(seed)
