@@ -418,17 +418,18 @@ def _read_text(args: argparse.Namespace) -> tuple[str, Path]:
 
 
 def _set_precision(parser: argparse.ArgumentParser, precision: str) -> None:
+    """Check --precision against the backend; bf16 runs the loss under `engine.autocast`."""
     backend = engine.get_backend()
-    if precision == "fp32":
-        return
-    if backend.name != "triton":
+    if precision != "fp32" and backend.name != "triton":
         parser.error(f"--precision {precision} needs --backend triton: the {backend.name} backend computes "
                      "in float32 only")
-    hook = getattr(backend, "set_precision", None)
-    if hook is None:
-        parser.error(f"--precision {precision} is not yet supported: the triton backend has no precision hook "
-                     "(set_precision) yet")
-    hook(precision)
+
+
+def bf16_loss_batch(input_batch: Any, target_batch: Any, model: Any) -> engine.Tensor:
+    """`calc_loss_batch` under bf16 autocast: bf16 matmuls and kernels; fp32 master weights,
+    optimizer state, LayerNorm statistics and loss."""
+    with engine.autocast("bfloat16"):
+        return calc_loss_batch(input_batch, target_batch, model)
 
 
 def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
@@ -526,6 +527,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: 
     start = time.perf_counter()
     try:
         history = train(model, optimizer, train_loader, val_loader, train_config, tokenizer=tokenizer,
+                        loss_fn=bf16_loss_batch if args.precision == "bf16" else calc_loss_batch,
                         state=state, save_fn=save, distributed=distributed)
     except TrainingInterrupted as stop:
         if not is_main:
