@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import safetensors
@@ -31,6 +30,7 @@ import safetensors.numpy
 
 from engine import nn, optim
 from model.config import GPTConfig
+from model.files import atomic_write
 from model.gpt import GPTModel, model_from_state_dict
 
 FORMAT = "scratchgpt-checkpoint"
@@ -113,9 +113,9 @@ def save_checkpoint(
 
     save_id = secrets.token_hex(16)
     base.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
+    atomic_write(
         tensors_path,
-        lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={"format": FORMAT, "save_id": save_id}),
+        lambda tmp: safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": FORMAT, "save_id": save_id}),
     )
     meta = {
         "format": FORMAT,
@@ -130,7 +130,7 @@ def save_checkpoint(
         "extra": extra,
     }
     text = json.dumps(meta, indent=1)
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(json_path, lambda tmp: tmp.write_text(text))
     return base
 
 
@@ -142,20 +142,6 @@ def _all_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if isinstance(value, nn.Parameter):
                 out.append((f"{prefix}.{name}" if prefix else name, value))
     return out
-
-
-def _atomic_write(dest: Path, write: Callable[[str], Any]) -> None:
-    """``write(tmp_path)`` into a temp file beside ``dest``, flush it to disk, then rename over ``dest``."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

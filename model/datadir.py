@@ -16,12 +16,11 @@ import hashlib
 import http.client
 import os
 import tempfile
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
+from model import files
 
 DATA_DIR_ENV = "SCRATCHGPT_DATA_DIR"
 
@@ -165,24 +164,11 @@ def _writable(directory: Path) -> bool:
         return False
 
 
-def _download(url: str, dest: Path, desc: str) -> None:
-    """Stream `url` into `dest` with a progress bar."""
-    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc) as bar:
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-                bar.update(len(chunk))
-
-
 def _fetch(source: DataSource, dest: Path, desc: str) -> None:
-    """Download `source` to `dest`: into a temp file beside it, verified, then os.replace."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        _download(source.url, tmp, desc)
+    """Download `source` to `dest`, verified before it takes the final name."""
+
+    def fetch_and_verify(tmp: Path) -> None:
+        files.download(source.url, tmp, desc)
         if source.member is not None:
             try:
                 with zipfile.ZipFile(tmp) as archive:
@@ -199,9 +185,8 @@ def _fetch(source: DataSource, dest: Path, desc: str) -> None:
                 f"sha256 {digest} ({size} bytes), expected {source.sha256} ({source.size} bytes). "
                 "The bad download was removed; the file may have changed upstream."
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    files.atomic_write(dest, fetch_and_verify)
 
 
 def _sha256(path: Path) -> str:

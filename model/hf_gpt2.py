@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,11 +25,11 @@ from typing import Any
 import numpy as np
 import safetensors
 import safetensors.numpy
-from tqdm import tqdm
 
 from model.checkpoint import CheckpointError
 from model.config import GPTConfig
 from model.datadir import user_cache_dir
+from model.files import atomic_write, download
 from model.gpt import GPTModel, model_from_state_dict
 
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -199,24 +198,19 @@ def download_hf_gpt2(name: str = "gpt2", cache_dir: str | os.PathLike | None = N
 
 
 def _download(url: str, dest: Path) -> None:
-    """Stream ``url`` into a temp file beside ``dest`` with a progress bar, check it, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        if total is not None and os.path.getsize(tmp) != total:
-            raise OSError(f"got {os.path.getsize(tmp)} of {total} bytes")
+    """Stream ``url`` to ``dest`` with a progress bar, checked before it takes the final name."""
+
+    def fetch_and_check(tmp: Path) -> None:
+        total = download(url, tmp, dest.name)
+        if total is not None and tmp.stat().st_size != total:
+            raise OSError(f"got {tmp.stat().st_size} of {total} bytes")
         if dest.suffix == ".safetensors":
             try:
-                with safetensors.safe_open(tmp, framework="np") as f:
+                with safetensors.safe_open(str(tmp), framework="np") as f:
                     f.keys()
             except safetensors.SafetensorError as err:
                 raise OSError(f"the download is not a valid safetensors file ({err})") from None
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(dest, fetch_and_check)
+
+

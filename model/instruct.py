@@ -34,6 +34,7 @@ from model.config import PRESETS, get_config
 from model.data import DataLoader
 from model.datadir import DataFileNotFoundError, add_data_dir_argument
 from model.distributed import Distributed, add_ddp_argument, run_maybe_distributed
+from model.files import write_json_atomic
 from model.generate import generate
 from model.gpt import GPTModel, count_parameters, model_from_state_dict
 from model.gpt2_tokenizer import gpt2_tokenizer
@@ -47,7 +48,6 @@ from model.instruct_data import (
     format_input,
     load_instruction_data,
     split_data,
-    write_json_atomic,
 )
 from model.lora import LoRACounts, apply_lora, merge_lora, save_lora
 from model.plot import plot_losses

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -121,25 +120,6 @@ def split_data(data: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any]]:
     test = list(data[train_portion:train_portion + test_portion])
     val = list(data[train_portion + test_portion:])
     return train, test, val
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as indented UTF-8 JSON to `path` via a temp file and ``os.replace``, so a
-    reader never sees half a file and an interrupted write leaves the old one intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 # --- tokenized dataset and batches ---

@@ -41,6 +41,7 @@ import engine
 from engine import functional as F
 from engine import nn
 from model.checkpoint import checkpoint_paths
+from model.files import atomic_write
 
 FORMAT = "scratchgpt-lora"
 VERSION = 1
@@ -212,9 +213,9 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> os.PathLike:
         "shapes": {name: {"in_features": m.in_features, "out_features": m.out_features} for name, m in layers.items()},
         "dtype": str(next(iter(tensors.values())).dtype),
     }
-    tensors_path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(tensors, str(tensors_path), metadata={"format": FORMAT})
-    json_path.write_text(json.dumps(meta, indent=1))
+    atomic_write(tensors_path, lambda tmp: safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    text = json.dumps(meta, indent=1)
+    atomic_write(json_path, lambda tmp: tmp.write_text(text))
     return tensors_path.with_suffix("")
 
 

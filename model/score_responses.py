@@ -33,7 +33,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from model.instruct_data import InstructionDataError, format_input, read_json_entries, write_json_atomic
+from model.files import write_json_atomic
+from model.instruct_data import InstructionDataError, format_input, read_json_entries
 
 DEFAULT_OLLAMA_URL = "http://localhost:11434"
 DEFAULT_JUDGE_MODEL = "llama3"
