@@ -59,7 +59,7 @@ def causal_mask(T: int, S: int) -> np.ndarray:
     return np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
 
 
-def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def batched_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Batched a @ b over equal leading dims, (..., M, K) @ (..., K, N) -> (..., M, N).
 
     NOTE: the numpy backend trains through this reference, so two things measured on a
@@ -76,7 +76,7 @@ def _probabilities(q, k, scale, causal, lse=None):
 
     When ``lse`` is given, P is recomputed from it as exp(S - lse), as the backward kernel does.
     """
-    scores = scale * _mm(q, np.swapaxes(k, -1, -2))  # (B, H, T, S)
+    scores = scale * batched_matmul(q, np.swapaxes(k, -1, -2))  # (B, H, T, S)
     if causal:
         scores = np.where(causal_mask(q.shape[2], k.shape[2]), scores, -np.inf)
     if lse is None:
@@ -107,7 +107,7 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_mask=None, dropo
     D = _check_inputs(q, k, v, causal, dropout_mask, dropout_p)[-1]
     scale = 1.0 / float(np.sqrt(D)) if scale is None else float(scale)
     p, lse = _probabilities(q, k, scale, causal)  # (B, H, T, S), (B, H, T)
-    o = _mm(_apply_dropout(p, dropout_mask, dropout_p), v)  # (B, H, T, D)
+    o = batched_matmul(_apply_dropout(p, dropout_mask, dropout_p), v)  # (B, H, T, D)
     return o.astype(q.dtype, copy=False), lse
 
 
@@ -140,10 +140,10 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_mas
 
     p, _ = _probabilities(q, k, scale, causal, lse=lse)  # (B, H, T, S)
     p_drop = _apply_dropout(p, dropout_mask, dropout_p)  # (B, H, T, S)
-    dv = _mm(np.swapaxes(p_drop, -1, -2), do)  # (B, H, S, D)
-    dp = _apply_dropout(_mm(do, np.swapaxes(v, -1, -2)), dropout_mask, dropout_p)  # (B, H, T, S)
+    dv = batched_matmul(np.swapaxes(p_drop, -1, -2), do)  # (B, H, S, D)
+    dp = _apply_dropout(batched_matmul(do, np.swapaxes(v, -1, -2)), dropout_mask, dropout_p)  # (B, H, T, S)
     delta = (do * o).sum(axis=-1, keepdims=True)  # (B, H, T, 1)
     ds = p * (dp - delta)  # (B, H, T, S)
-    dq = dtype.type(scale) * _mm(ds, k)  # (B, H, T, D)
-    dk = dtype.type(scale) * _mm(np.swapaxes(ds, -1, -2), q)  # (B, H, S, D)
+    dq = dtype.type(scale) * batched_matmul(ds, k)  # (B, H, T, D)
+    dk = dtype.type(scale) * batched_matmul(np.swapaxes(ds, -1, -2), q)  # (B, H, S, D)
     return dq.astype(dtype, copy=False), dk.astype(dtype, copy=False), dv.astype(dtype, copy=False)

@@ -123,9 +123,9 @@ class NumpyBackend(Backend):
 
     def matmul(self, a: Array, b: Array) -> np.ndarray:
         # NOTE: stacks of matrices (attention heads) go through the reference's batched
-        # product: contiguous operands, one BLAS thread (see kernels/attention_ref._mm).
+        # product: contiguous operands, one BLAS thread (see kernels/attention_ref.batched_matmul).
         if a.ndim > 2 and a.shape[:-2] == b.shape[:-2]:
-            return attention_ref._mm(a, b)
+            return attention_ref.batched_matmul(a, b)
         return a @ b
 
     def index(self, index: Any) -> Any:
