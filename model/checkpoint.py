@@ -1,25 +1,30 @@
-"""Saving and loading training checkpoints: safetensors for arrays, JSON for the rest. Never pickle.
+"""Saving and loading training checkpoints: one safetensors file, metadata in its header. Never pickle.
 
-A checkpoint at ``PATH`` is two files:
+A checkpoint at ``PATH`` is ``PATH.safetensors``:
 
-* ``PATH.safetensors``: model parameters as ``model.<name>`` (a tied weight once, under
-  its first name) and optimizer buffers as ``optimizer.<buffer>.<index>`` (index = the
-  parameter's position in the optimizer);
-* ``PATH.json``: format version, config, step, optimizer scalars (step count, lr), the
-  trainer's ``extra`` dict (RNG state, data position, …), which names are tied, and a
-  manifest of every tensor's shape and dtype.
+* tensors: model parameters as ``model.<name>`` (a tied weight once, under its first name)
+  and optimizer buffers as ``optimizer.<buffer>.<index>`` (index = the parameter's
+  position in the optimizer);
+* header metadata (safetensors' ``__metadata__``): ``format`` and ``checkpoint``, a JSON
+  text with the format version, config, step, optimizer scalars (step count, lr), the
+  trainer's ``extra`` dict (RNG state, data position, …) and which names are tied.
 
-Each file is written to a temp file in the same directory and moved into place with
-``os.replace`` (atomic on POSIX), the JSON last. Both carry the same random save id, so
-a pair from different saves (a save interrupted between the two renames) is detected on
-load rather than silently mixed.
+Weights and metadata are one file, written by `atomic_write` (temp file, fsync, rename),
+so a process killed at any instant leaves the previous checkpoint or the new one, never a
+mix. Saving refuses NaN/inf values (a diverged run cannot overwrite a good checkpoint) and
+loading refuses them too. Loading checks the config against the stored shapes, read from
+the header, before reading tensor data or building a model: a config that does not fit its
+weights (say ``emb_dim`` 32768 beside tiny tensors) fails at once instead of allocating GBs.
+
+Version-1 checkpoints (``PATH.safetensors`` + ``PATH.json`` sharing a random save id) still
+load; saving to their path writes the new layout and removes the old ``PATH.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,12 +34,13 @@ import safetensors
 import safetensors.numpy
 
 from engine import nn, optim
-from model.config import GPTConfig
+from model.config import GPTConfig, parameter_shapes
 from model.files import atomic_write
 from model.gpt import GPTModel, model_from_state_dict
 
 FORMAT = "scratchgpt-checkpoint"
-VERSION = 1
+VERSION = 2
+META_KEY = "checkpoint"  # the header metadata entry holding the JSON
 
 
 class CheckpointError(RuntimeError):
@@ -42,7 +48,17 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """No checkpoint files at the given path."""
+    """No checkpoint file at the given path."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A tensor holds NaN or inf: such weights are neither saved nor loaded. The message
+    names the file and the tensor."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (disk full, file too large, read-only directory, …); the
+    previous checkpoint at that path, if any, is unchanged and no temp file is left."""
 
 
 @dataclass
@@ -56,7 +72,9 @@ class Checkpoint:
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(``PATH.safetensors``, ``PATH.json``); a given ``.safetensors``/``.json`` suffix is dropped first."""
+    """(``PATH.safetensors``, ``PATH.json``); a given ``.safetensors``/``.json`` suffix is dropped
+    first. A checkpoint is the first; the second is a version-1 checkpoint's metadata (and
+    a LoRA adapter's, which keeps the two-file layout)."""
     base = _base(path)
     return Path(f"{base}.safetensors"), Path(f"{base}.json")
 
@@ -64,6 +82,17 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def _base(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], where: str, advice: str) -> None:
+    """Raise `NonFiniteWeightsError` ("``where``: tensor NAME holds N NaN/inf values …
+    ``advice``") for the first floating-point tensor holding a NaN or an inf."""
+    for name, array in tensors.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            count = array.size - int(np.count_nonzero(np.isfinite(array)))
+            raise NonFiniteWeightsError(
+                f"{where}: tensor {name} holds {count} NaN/inf values (of {array.size}); {advice}"
+            )
 
 
 def save_checkpoint(
@@ -74,12 +103,14 @@ def save_checkpoint(
     step: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (+ ``optimizer``, ``step``, ``extra``) as ``PATH.safetensors`` + ``PATH.json``.
+    """Write ``model`` (+ ``optimizer``, ``step``, ``extra``) as ``PATH.safetensors``, atomically.
 
-    ``extra`` must be JSON-serialisable (checked before anything is written). Returns
-    the base path, which `load_checkpoint` takes."""
+    ``extra`` must be JSON-serialisable and every value finite (both checked before anything
+    is written: `NonFiniteWeightsError`). A failed write raises `CheckpointSaveError` and
+    leaves the previous checkpoint as it was. Returns the base path, which
+    `load_checkpoint` takes."""
     base = _base(path)
-    tensors_path, json_path = checkpoint_paths(base)
+    tensors_path, legacy_json = checkpoint_paths(base)
     extra = {} if extra is None else extra
     try:
         json.dumps(extra)
@@ -110,27 +141,35 @@ def save_checkpoint(
             "scalars": state,
             "buffers": {buffer: len(arrays) for buffer, arrays in buffers.items()},
         }
+    check_finite(tensors, f"refusing to save {tensors_path}",
+                 "the run diverged (learning rate too high? bad data?); the previous checkpoint is unchanged")
 
-    save_id = secrets.token_hex(16)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        tensors_path,
-        lambda tmp: safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": FORMAT, "save_id": save_id}),
-    )
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "save_id": save_id,
-        "safetensors_bytes": tensors_path.stat().st_size,
         "config": config.to_dict(),
         "step": int(step),
         "tied": tied,
-        "tensors": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in tensors.items()},
         "optimizer": optimizer_meta,
         "extra": extra,
     }
-    text = json.dumps(meta, indent=1)
-    atomic_write(json_path, lambda tmp: tmp.write_text(text))
+    header = {"format": FORMAT, META_KEY: json.dumps(meta)}
+
+    def write(tmp: Path) -> None:
+        try:
+            safetensors.numpy.save_file(tensors, str(tmp), metadata=header)
+        except safetensors.SafetensorError as err:  # an I/O error (ENOSPC, EFBIG) inside the writer
+            raise OSError(str(err)) from None
+
+    try:
+        atomic_write(tensors_path, write)
+    except OSError as err:
+        raise CheckpointSaveError(
+            f"could not save checkpoint {tensors_path}: {err.strerror or err}; the previous checkpoint there "
+            "(if any) is unchanged: free some disk space or choose another --out-dir"
+        ) from err
+    if _is_legacy_meta(legacy_json):
+        legacy_json.unlink(missing_ok=True)  # the new file carries its own metadata
     return base
 
 
@@ -145,48 +184,33 @@ def _all_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read and check the checkpoint at ``path`` (base path, or either file's name).
+    """Read and check the checkpoint at ``path`` (base path, or the file's name).
 
-    Raises `CheckpointNotFoundError` when the files are missing and `CheckpointError` for
-    bad JSON, a damaged or truncated safetensors file, files from different saves, or
-    tensors missing / unexpected / of the wrong shape compared with the manifest."""
+    Raises `CheckpointNotFoundError` when there is no checkpoint file, `NonFiniteWeightsError`
+    for NaN/inf values, and `CheckpointError` for a damaged or truncated file, malformed
+    metadata, a version-1 pair from different saves, or a config that does not fit the
+    stored tensor shapes (checked before any tensor data is read)."""
     base = _base(path)
     tensors_path, json_path = checkpoint_paths(base)
-    missing = [str(p) for p in (json_path, tensors_path) if not p.is_file()]
-    if missing:
-        cls = CheckpointNotFoundError if len(missing) == 2 else CheckpointError
-        raise cls(
-            f"checkpoint {base}: missing {' and '.join(missing)} "
-            "(a checkpoint is PATH.safetensors + PATH.json, as written by save_checkpoint)"
-        )
-    meta = _read_meta(json_path)
+    if not tensors_path.is_file():
+        if json_path.is_file():
+            raise CheckpointError(f"checkpoint {base}: {json_path} is there but {tensors_path} is missing")
+        raise CheckpointNotFoundError(f"checkpoint {base}: missing {tensors_path} (the file save_checkpoint writes)")
     try:
-        return _checkpoint_from(base, meta)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{json_path}: malformed checkpoint metadata ({type(err).__name__}: {err})") from None
-
-
-def _checkpoint_from(base: Path, meta: dict[str, Any]) -> Checkpoint:
-    tensors_path, json_path = checkpoint_paths(base)
-    try:
-        config = GPTConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{json_path}: bad config ({err})") from None
-
-    size = tensors_path.stat().st_size
-    if size != meta["safetensors_bytes"]:
-        raise CheckpointError(
-            f"{tensors_path}: {size} bytes, but {json_path.name} says {meta['safetensors_bytes']}: "
-            "the file is truncated or from another save"
-        )
-    tensors = _read_tensors(tensors_path, meta)
+        with safetensors.safe_open(str(tensors_path), framework="np") as f:
+            meta = _read_meta(tensors_path, f.metadata() or {})
+            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+            config = _check_meta(meta, tensors_path)
+            _check_fits(config, shapes, tensors_path)
+            tensors = {name: f.get_tensor(name) for name in shapes}
+    except safetensors.SafetensorError as err:
+        raise CheckpointError(f"{tensors_path}: damaged or truncated safetensors file ({err})") from None
+    check_finite(tensors, str(tensors_path), "the run that saved it had diverged: use an earlier checkpoint")
 
     state = {name[len("model."):]: a for name, a in tensors.items() if name.startswith("model.")}
     for alias, target in meta["tied"].items():
         if target not in state:
-            raise CheckpointError(f"{json_path}: tied weight {alias!r} points at {target!r}, which is not stored")
+            raise CheckpointError(f"{tensors_path}: tied weight {alias!r} points at {target!r}, which is not stored")
         state[alias] = state[target]
 
     optimizer_state = None
@@ -200,63 +224,96 @@ def _checkpoint_from(base: Path, meta: dict[str, Any]) -> Checkpoint:
     return Checkpoint(config, state, optimizer_state, meta["step"], meta["extra"], base)
 
 
-def _read_meta(json_path: Path) -> dict[str, Any]:
+def _read_meta(tensors_path: Path, header: dict[str, str]) -> dict[str, Any]:
+    """The metadata dict: from the header (version 2) or from ``PATH.json`` (version 1)."""
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{tensors_path}: not a scratchgpt checkpoint (its header has no format {FORMAT})")
+    if META_KEY not in header:
+        return _read_legacy_meta(tensors_path, header.get("save_id"))
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{tensors_path}: its header's checkpoint metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("version") != VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{tensors_path}: checkpoint format version {version!r}, this code reads {VERSION}")
+    return meta
+
+
+def _is_legacy_meta(json_path: Path) -> bool:
+    try:
+        return json.loads(json_path.read_text()).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _read_legacy_meta(tensors_path: Path, save_id: str | None) -> dict[str, Any]:
+    """Version 1: the metadata in ``PATH.json``, which must come from the same save."""
+    json_path = checkpoint_paths(tensors_path)[1]
+    if not json_path.is_file():
+        raise CheckpointError(f"{tensors_path}: no checkpoint metadata in its header, and no {json_path}")
     try:
         meta = json.loads(json_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{json_path}: not valid JSON ({err}); the file is damaged") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{json_path}: not a scratchgpt checkpoint (no \"format\": \"{FORMAT}\")")
-    if meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != 1:
+        raise CheckpointError(f"{json_path}: not the metadata of a version-1 scratchgpt checkpoint")
+    if meta.get("save_id") != save_id:
         raise CheckpointError(
-            f"{json_path}: checkpoint format version {meta.get('version')!r}, this code reads {VERSION}"
+            f"{tensors_path}: save id {save_id} differs from {meta.get('save_id')} in {json_path.name}: the two "
+            "files come from different saves (was a save interrupted?)"
         )
-    types = {"save_id": str, "safetensors_bytes": int, "config": dict, "step": int, "tied": dict,
-             "tensors": dict, "optimizer": (dict, type(None)), "extra": dict}
-    absent = [key for key in types if key not in meta]
-    if absent:
-        raise CheckpointError(f"{json_path}: missing fields {', '.join(absent)}")
-    wrong = [key for key, kind in types.items() if not isinstance(meta[key], kind)]
-    if wrong:
-        raise CheckpointError(f"{json_path}: fields of the wrong type: {', '.join(wrong)}")
     return meta
 
 
-def _listing(names: set[str], limit: int = 8) -> str:
-    names = sorted(names)
+def _check_meta(meta: dict[str, Any], where: Path) -> GPTConfig:
+    """Check the metadata's fields (one clear error, never a traceback); returns the config."""
+    types = {"config": dict, "step": int, "tied": dict, "optimizer": (dict, type(None)), "extra": dict}
+    problems = [f"{key} missing" for key in types if key not in meta]
+    problems += [f"{key} is a {type(meta[key]).__name__}" for key, kind in types.items()
+                 if key in meta and not isinstance(meta[key], kind)]
+    if not problems:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["tied"].items()):
+            problems.append("tied is not a name -> name map")
+        opt = meta["optimizer"]
+        if opt is not None and not (
+            isinstance(opt.get("scalars"), dict)
+            and isinstance(opt.get("buffers"), dict)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in opt["buffers"].values())
+        ):
+            problems.append("optimizer needs scalars (a dict) and buffers (name -> count)")
+    if problems:
+        raise CheckpointError(f"{where}: malformed checkpoint metadata: {'; '.join(problems)}")
+    try:
+        return GPTConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: bad config ({err})") from None
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
 
-def _read_tensors(tensors_path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
-    manifest: dict[str, Any] = meta["tensors"]
-    try:
-        with safetensors.safe_open(str(tensors_path), framework="np") as f:
-            save_id = (f.metadata() or {}).get("save_id")
-            if save_id != meta["save_id"]:
-                raise CheckpointError(
-                    f"{tensors_path}: save id {save_id} differs from {meta['save_id']} in the JSON: the two files "
-                    "come from different saves (was a save interrupted?)"
-                )
-            names = set(f.keys())
-            problems = []
-            if set(manifest) - names:
-                problems.append(f"missing tensors {_listing(set(manifest) - names)}")
-            if names - set(manifest):
-                problems.append(f"unexpected tensors {_listing(names - set(manifest))}")
-            if problems:
-                raise CheckpointError(f"{tensors_path}: " + "; ".join(problems))
-            tensors = {name: f.get_tensor(name) for name in manifest}
-    except safetensors.SafetensorError as err:
-        raise CheckpointError(f"{tensors_path}: damaged safetensors file ({err})") from None
-    for name, a in tensors.items():
-        want = manifest[name]
-        if list(a.shape) != list(want["shape"]) or str(a.dtype) != want["dtype"]:
-            raise CheckpointError(
-                f"{tensors_path}: tensor {name} is {a.dtype}{list(a.shape)}, the manifest says "
-                f"{want['dtype']}{want['shape']}"
-            )
-    return tensors
+def _check_fits(config: GPTConfig, shapes: dict[str, list[int]], where: Path) -> None:
+    """The GPT the config describes must be stored, under ``model.`` (a language model) or
+    ``model.gpt.`` (a classifier's body), every tensor of the shape the config gives it.
+    A head may be absent (tied, or replaced by a classifier); extra tensors are left to
+    the strict load. Checked on shapes alone, before any data is read."""
+    prefix = next((p for p in ("model.", "model.gpt.") if f"{p}wte.weight" in shapes), None)
+    if prefix is None:
+        raise CheckpointError(f"{where}: no model.wte.weight stored: not a GPT checkpoint")
+    missing, wrong = [], []
+    for name, shape in parameter_shapes(config).items():
+        stored = shapes.get(prefix + name)
+        if stored is None:
+            if name != "lm_head.weight":
+                missing.append(prefix + name)
+        elif tuple(stored) != shape:
+            wrong.append(f"{prefix + name} is {list(stored)}, not {list(shape)}")
+    if missing or wrong:
+        problems = ([f"missing tensors {_listing(missing)}"] if missing else []) + wrong[:4]
+        raise CheckpointError(f"{where}: the weights do not fit its config ({'; '.join(problems)})")
 
 
 def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[GPTModel, Checkpoint]:

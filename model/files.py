@@ -3,15 +3,19 @@
 Every file the project writes for later reading (checkpoints, LoRA adapters, responses
 and scores, downloaded data and weights) goes through `atomic_write`: the bytes land in a
 temp file beside the destination, are flushed to disk, and only then renamed over it
-(``os.replace`` is atomic on POSIX). A failure anywhere, including a check that raises
-inside ``write``, removes the temp file and leaves any old file untouched.
+(``os.replace`` is atomic on POSIX), and the directory is flushed so the rename lasts. A
+failure anywhere, including a check that raises inside ``write``, removes the temp file and
+leaves any old file untouched. A process killed mid-write (kill -9, OOM) cannot clean up:
+its temp file is removed by the next write to the same destination (one writer per
+destination is assumed). Files get the usual permissions (0666 less the umask).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -23,17 +27,45 @@ def atomic_write(dest: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temp file beside ``dest``, fsync it, then rename it to ``dest``."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    _remove_stale_temp_files(dest)
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp"
+    # NOTE: os.open with mode 0o666 applies the umask (tempfile.mkstemp would make it 0600);
+    # the mode is set again after ``write``, as some writers (safetensors) recreate the file 0600.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = tmp.stat().st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(dest.parent)
     return dest
+
+
+def _remove_stale_temp_files(dest: Path) -> None:
+    """Delete the temp files that killed writes to ``dest`` left behind."""
+    # Ours end in 16 hex digits; 8 characters of [a-z0-9_] are tempfile.mkstemp's, used before.
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.([0-9a-f]{{16}}|[a-z0-9_]{{8}})\.tmp")
+    for name in os.listdir(dest.parent):
+        if pattern.fullmatch(name):
+            (dest.parent / name).unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import engine
+from model.checkpoint import load_checkpoint
 from model.classify import (
     GPTClassifier,
     calc_accuracy_loader,
@@ -148,12 +149,12 @@ def test_short_run_beats_chance_and_writes_outputs(trained):
     accuracy = history["final_accuracy"]
     assert accuracy["test"] > 0.7 and accuracy["val"] > 0.7, accuracy  # chance is 0.5 (balanced classes)
     assert len(history["step_loss"]) == 20 and history["step"] == [1, 11]
-    for name in ("classifier.safetensors", "classifier.json", "loss.png"):
+    for name in ("classifier.safetensors", "loss.png"):
         assert (trained / name).is_file()
-    meta = json.loads((trained / "classifier.json").read_text())
-    info = meta["extra"]["classifier"]
+    ckpt = load_checkpoint(trained / "classifier")
+    info = ckpt.extra["classifier"]
     assert (info["max_length"], info["pad_token_id"], info["class_names"]) == (32, 50256, ["not spam", "spam"])
-    assert meta["tensors"]["model.classifier.weight"]["shape"] == [2, 64]
+    assert ckpt.state_dict["classifier.weight"].shape == (2, 64)
 
 
 def test_loaded_checkpoint_predicts_as_trained(trained, tokenizer):
