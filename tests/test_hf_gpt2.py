@@ -144,8 +144,9 @@ def test_export_keeps_a_head_that_merge_lora_untied(tmp_path, merge_head):
                        qkv_bias=True, tie_weights=True)
     model = GPTModel(config)
     apply_lora(model, rank=2, alpha=4.0, targets=["lm_head", "c_fc"] if merge_head else ["c_fc"])
+    rng = np.random.default_rng(2)
     for layer in lora_layers(model).values():  # a trained update (B starts at zero)
-        layer.lora_B.data = engine.tensor(np.random.default_rng(2).normal(size=layer.lora_B.shape).astype(np.float32)).data
+        layer.lora_B.data = engine.tensor(rng.normal(size=layer.lora_B.shape).astype(np.float32)).data
     merge_lora(model)
     assert model.config.tie_weights and (model.lm_head.weight is model.wte.weight) != merge_head
     export_hf(model, tmp_path)

@@ -168,6 +168,37 @@ def test_warmup_cosine_schedule():
     assert opt.lr == pytest.approx(0.55)
 
 
+@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("nan"), float("inf"), None])
+def test_clip_grad_norm_rejects_a_bad_max_norm(max_norm):
+    p = nn.Parameter(np.zeros(3))
+    p.grad = np.ones(3)
+    with pytest.raises(ValueError, match=rf"max_norm must be a finite number > 0, got {max_norm}"):
+        optim.clip_grad_norm_([p], max_norm)
+    np.testing.assert_array_equal(p.grad, np.ones(3))  # untouched
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"peak_lr": 0.0}, "peak_lr must be a finite number > 0, got 0.0"),
+    ({"peak_lr": float("nan")}, "peak_lr must be a finite number > 0, got nan"),
+    ({"min_lr": -1.0}, r"min_lr must be a finite number in \[0, peak_lr=1.0\], got -1.0"),
+    ({"min_lr": 2.0}, "min_lr must be .* got 2.0"),
+    ({"initial_lr": float("inf")}, "initial_lr must be .* got inf"),
+    ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
+    ({"total_steps": 0}, "total_steps must be an integer >= 1, got 0"),
+    ({"total_steps": 2.5}, "total_steps must be an integer >= 1, got 2.5"),
+    ({"step": -1}, "step must be an integer >= 0, got -1"),
+])
+def test_schedule_rejects_bad_settings(change, message):
+    kwargs = dict(step=0, peak_lr=1.0, warmup_steps=2, total_steps=10, initial_lr=0.0, min_lr=0.1)
+    with pytest.raises(ValueError, match=f"warmup_cosine_lr: {message}"):
+        optim.warmup_cosine_lr(**{**kwargs, **change})
+    opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=0.0)
+    kwargs.pop("step")
+    if "step" not in change:
+        with pytest.raises(ValueError, match=message):
+            optim.WarmupCosineSchedule(opt, **{**kwargs, **change})
+
+
 def test_module_registration_and_parameters():
     m = OurBlock()
     names = [n for n, _ in m.named_parameters()]
