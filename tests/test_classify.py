@@ -20,10 +20,12 @@ from model.classify import (
     main,
 )
 from model.config import get_config
+from model.datadir import data_file
 from model.gpt import GPTModel
 from model.gpt2_tokenizer import gpt2_tokenizer
 from model.spam_data import (
     PAD_TOKEN_ID,
+    SPAM_FILE,
     SpamDataError,
     SpamDataset,
     TruncationWarning,
@@ -82,6 +84,16 @@ def test_malformed_files_name_file_and_line(tmp_path, content, message):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(SpamDataError, match=message):
         read_sms_spam(path)
+
+
+def test_crlf_line_ends_are_stripped(tmp_path):
+    lf = read_sms_spam()
+    path = tmp_path / "crlf.tsv"
+    path.write_bytes(data_file(SPAM_FILE).read_bytes().replace(b"\n", b"\r\n"))  # as a Windows editor saves it
+    crlf = read_sms_spam(path)
+    assert [(m.label, m.text, m.line) for m in crlf] == [(m.label, m.text, m.line) for m in lf]
+    path.write_bytes(b"ham\tfine\r\nspam\tbuy now\r\n")
+    assert [(m.label, m.text) for m in read_sms_spam(path)] == [(0, "fine"), (1, "buy now")]
 
 
 def test_missing_file_and_unquoted_fields(tmp_path):
