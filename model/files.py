@@ -6,7 +6,7 @@ temp file beside the destination, are flushed to disk, and only then renamed ove
 (``os.replace`` is atomic on POSIX), and the directory is flushed so the rename lasts. A
 failure anywhere, including a check that raises inside ``write``, removes the temp file and
 leaves any old file untouched. A process killed mid-write (kill -9, OOM) cannot clean up:
-its temp file is removed by the next write to the same destination (one writer per
+its temp directory is removed by the next write to the same destination (one writer per
 destination is assumed). Files get the usual permissions (0666 less the umask).
 """
 
@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -28,30 +29,39 @@ def atomic_write(dest: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(dest)
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp"
-    # NOTE: os.open with mode 0o666 applies the umask (tempfile.mkstemp would make it 0600);
-    # the mode is set again after ``write``, as some writers (safetensors) recreate the file 0600.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    mode = tmp.stat().st_mode & 0o777
+    # NOTE: the temp file sits in a private temp directory, because some writers make temp
+    # files of their own beside their target (safetensors writes ``.tmpXXXXXX`` and renames
+    # it): a kill leaves those inside our directory, which the next write removes.
+    tmp_dir = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp"
+    tmp_dir.mkdir()
+    tmp = tmp_dir / dest.name
     try:
+        # os.open with mode 0o666 applies the umask (tempfile.mkstemp would make it 0600); the
+        # mode is set again after ``write``, since a writer may replace the file (safetensors: 0600).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = tmp.stat().st_mode & 0o777
         write(tmp)
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     _fsync_dir(dest.parent)
     return dest
 
 
 def _remove_stale_temp_files(dest: Path) -> None:
-    """Delete the temp files that killed writes to ``dest`` left behind."""
+    """Delete what killed writes to ``dest`` left behind."""
     # Ours end in 16 hex digits; 8 characters of [a-z0-9_] are tempfile.mkstemp's, used before.
     pattern = re.compile(rf"\.{re.escape(dest.name)}\.([0-9a-f]{{16}}|[a-z0-9_]{{8}})\.tmp")
     for name in os.listdir(dest.parent):
         if pattern.fullmatch(name):
-            (dest.parent / name).unlink(missing_ok=True)
+            stale = dest.parent / name
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as TF
 
 import engine
 from bench.torch_gpt import from_state_dict
-from model.checkpoint import CheckpointError, NonFiniteWeightsError
+from model.checkpoint import CheckpointError
 from model.config import GPTConfig, get_config
 from model.gpt import GPTModel
 from model.hf_gpt2 import (
@@ -186,11 +186,6 @@ def test_bad_hf_directories(tmp_path):
         load_hf_gpt2(tmp_path)
     safetensors.numpy.save_file({**tensors, "h.1.mlp.c_fc.bias": np.zeros(4 * E + 1)}, path)
     with pytest.raises(CheckpointError, match=rf"h.1.mlp.c_fc.bias is \[{4 * E + 1}\], not \[{4 * E}\]"):
-        load_hf_gpt2(tmp_path)
-    nan = np.zeros(4 * E)
-    nan[5] = np.nan
-    safetensors.numpy.save_file({**tensors, "h.1.mlp.c_fc.bias": nan}, path)
-    with pytest.raises(NonFiniteWeightsError, match=r"model.safetensors: tensor h.1.mlp.c_fc.bias holds 1 NaN/inf"):
         load_hf_gpt2(tmp_path)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
