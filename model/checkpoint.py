@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -290,30 +290,30 @@ def _check_meta(meta: dict[str, Any], where: Path) -> GPTConfig:
         raise CheckpointError(f"{where}: bad config ({err})") from None
 
 
-def _listing(names: list[str], limit: int = 8) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def shape_misfits(config: GPTConfig, shapes: Mapping[str, Sequence[int]]) -> str:
+    """How tensors of these shapes (under our parameter names) fall short of the parameters of
+    ``GPTModel(config)``: missing ones, wrong shapes; "" when none. The head may be absent
+    (tied, or replaced by a classifier's); tensors the config does not name are left to the
+    strict load, as a model of this config is no larger than they are. Shapes alone:
+    loaders call this before reading data or building a model."""
+    expected = parameter_shapes(config)
+    missing = [name for name in expected if name not in shapes and name != "lm_head.weight"]
+    wrong = [f"{name} is {list(shapes[name])}, not {list(shape)}"
+             for name, shape in expected.items() if name in shapes and tuple(shapes[name]) != shape]
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    return "; ".join(([f"missing {', '.join(missing[:8])}{more}"] if missing else []) + wrong[:4])
 
 
 def _check_fits(config: GPTConfig, shapes: dict[str, list[int]], where: Path) -> None:
-    """The GPT the config describes must be stored, under ``model.`` (a language model) or
-    ``model.gpt.`` (a classifier's body), every tensor of the shape the config gives it.
-    A head may be absent (tied, or replaced by a classifier); extra tensors are left to
-    the strict load. Checked on shapes alone, before any data is read."""
+    """The GPT that the config describes must be stored under ``model.`` (a language model)
+    or ``model.gpt.`` (a classifier's body)."""
     prefix = next((p for p in ("model.", "model.gpt.") if f"{p}wte.weight" in shapes), None)
     if prefix is None:
         raise CheckpointError(f"{where}: no model.wte.weight stored: not a GPT checkpoint")
-    missing, wrong = [], []
-    for name, shape in parameter_shapes(config).items():
-        stored = shapes.get(prefix + name)
-        if stored is None:
-            if name != "lm_head.weight":
-                missing.append(prefix + name)
-        elif tuple(stored) != shape:
-            wrong.append(f"{prefix + name} is {list(stored)}, not {list(shape)}")
-    if missing or wrong:
-        problems = ([f"missing tensors {_listing(missing)}"] if missing else []) + wrong[:4]
-        raise CheckpointError(f"{where}: the weights do not fit its config ({'; '.join(problems)})")
+    problems = shape_misfits(config, {name[len(prefix):]: shape for name, shape in shapes.items()
+                                      if name.startswith(prefix)})
+    if problems:
+        raise CheckpointError(f"{where}: the weights do not fit its config ({problems})")
 
 
 def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[GPTModel, Checkpoint]:

@@ -2,10 +2,10 @@
 
 Every file the project writes for later reading (checkpoints, LoRA adapters, responses
 and scores, downloaded data and weights) goes through `atomic_write`: the bytes land in a
-temp file beside the destination, are flushed to disk, and only then renamed over it
-(``os.replace`` is atomic on POSIX), and the directory is flushed so the rename lasts. A
-failure anywhere, including a check that raises inside ``write``, removes the temp file and
-leaves any old file untouched. A process killed mid-write (kill -9, OOM) cannot clean up:
+temp file (in a temp directory beside the destination), are flushed to disk, and only then
+renamed over it (``os.replace`` is atomic on POSIX); the directory is flushed so the rename
+lasts. A failure anywhere, including a check that raises inside ``write``, removes the temp directory
+and leaves any old file untouched. A process killed mid-write (kill -9, OOM) cannot clean up:
 its temp directory is removed by the next write to the same destination (one writer per
 destination is assumed). Files get the usual permissions (0666 less the umask).
 """

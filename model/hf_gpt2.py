@@ -29,8 +29,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from model.checkpoint import CheckpointError, check_finite
-from model.config import GPTConfig, parameter_shapes
+from model.checkpoint import CheckpointError, check_finite, shape_misfits
+from model.config import GPTConfig
 from model.datadir import user_cache_dir
 from model.files import atomic_write, download, write_json_atomic
 from model.gpt import GPTModel, model_from_state_dict
@@ -156,22 +156,6 @@ def _hf_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _misfits(config: GPTConfig, shapes: dict[str, tuple[int, ...]]) -> str:
-    """How the stored tensors differ from the ones ``config`` needs ("" when they fit). A
-    tied head may be stored or not (transformers ignores it then, so do we)."""
-    expected = parameter_shapes(config)
-    if config.tie_weights:
-        expected.pop("lm_head.weight")
-        shapes = {name: shape for name, shape in shapes.items() if name != "lm_head.weight"}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{name} is {list(shapes[name])}, not {list(shape)}"
-             for name, shape in expected.items() if name in shapes and shapes[name] != shape]
-    problems = ([f"missing {', '.join(missing[:8])}"] if missing else []) + (
-        [f"unexpected {', '.join(unexpected[:8])}"] if unexpected else []) + wrong[:4]
-    return "; ".join(problems)
-
-
 # --- files ---
 def load_hf_gpt2(hf_dir: str | os.PathLike, **overrides: Any) -> GPTModel:
     """Our GPTModel holding the Hugging Face GPT-2 in ``hf_dir`` (``model.safetensors`` +
@@ -191,7 +175,7 @@ def load_hf_gpt2(hf_dir: str | os.PathLike, **overrides: Any) -> GPTModel:
         raise CheckpointError(f"{config_path}: not a usable GPT-2 config ({err})") from None
     try:
         shapes = _hf_shapes(weights_path)
-        problems = _misfits(config, shapes)  # before reading data or allocating a model
+        problems = shape_misfits(config, shapes)  # before reading data or allocating a model
         if problems:
             raise CheckpointError(f"{weights_path}: does not fit {config_path.name}: {problems}")
         tensors = safetensors.numpy.load_file(weights_path)

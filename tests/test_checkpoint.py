@@ -245,14 +245,14 @@ def test_damaged_safetensors_header(saved):
 def test_missing_tensor(saved):
     base, tensors_path = saved
     rewrite(tensors_path, change_tensors=lambda t: t.pop("model.h.1.mlp.c_fc.weight"))
-    with pytest.raises(CheckpointError, match=r"do not fit its config \(missing tensors model.h.1.mlp.c_fc.weight\)"):
+    with pytest.raises(CheckpointError, match=r"do not fit its config \(missing h.1.mlp.c_fc.weight\)"):
         load_checkpoint(base)
 
 
 def test_shape_mismatch(saved):
     base, tensors_path = saved
     rewrite(tensors_path, change_tensors=lambda t: t.update({"model.wpe.weight": np.zeros((3, 16), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"model.wpe.weight is \[3, 16\], not \[12, 16\]"):
+    with pytest.raises(CheckpointError, match=r"\(wpe.weight is \[3, 16\], not \[12, 16\]\)"):
         load_checkpoint(base)
 
 
@@ -266,7 +266,7 @@ def test_config_that_does_not_fit_the_weights(saved):
     with pytest.raises(CheckpointError, match="bad config.*divisible"):
         load_checkpoint(base)
     rewrite(tensors_path, change_meta=lambda meta: meta["config"].update(n_heads=2, n_layers=3))
-    with pytest.raises(CheckpointError, match="missing tensors model.h.2.ln_1.weight"):
+    with pytest.raises(CheckpointError, match="missing h.2.ln_1.weight, h.2.ln_1.bias"):
         load_checkpoint(base)
 
 

@@ -185,7 +185,7 @@ def test_hostile_config_fails_before_allocating(tmp_path):
     report = run_script(HOSTILE_CONFIG, str(tmp_path))
     checkpoint, hf = report["checkpoint"], report["hf"]
     assert checkpoint["outcome"].startswith(f"CheckpointError: {tmp_path / 'ck.safetensors'}: the weights do not fit "
-                                            "its config (model.wte.weight is [3000, 64], not [3000, 32768]"), checkpoint
+                                            "its config (wte.weight is [3000, 64], not [3000, 32768]"), checkpoint
     assert hf["outcome"].startswith(f"CheckpointError: {tmp_path / 'hf' / 'model.safetensors'}: does not fit "
                                     "config.json: wte.weight is [3000, 64], not [3000, 32768]"), hf
     assert checkpoint["seconds"] < 5 and hf["seconds"] < 5, report
