@@ -66,9 +66,15 @@ def test_save_load_gives_identical_logits(tmp_path, tie_weights):
     assert (loaded.lm_head.weight is loaded.wte.weight) == tie_weights
     # the file's name works as the path, too (and the old layout's .json name)
     assert load_checkpoint(json_path).step == 5 and load_checkpoint(tensors_path).step == 5
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert tensors_path.stat().st_mode & 0o777 == 0o666 & ~umask  # not a temp file's 0600
+
+
+def test_saved_file_has_the_umasks_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        base = save_checkpoint(tmp_path / "ck", make_model(), CONFIG)
+    finally:
+        os.umask(old)
+    assert checkpoint_paths(base)[0].stat().st_mode & 0o777 == 0o640  # not a temp file's 0600
 
 
 def test_parameter_shapes_are_the_models():
