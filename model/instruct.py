@@ -189,9 +189,8 @@ def _fine_tune(parser: argparse.ArgumentParser, args: argparse.Namespace, judge:
                distributed: Distributed | None = None) -> int:
     """Fine-tune, then answer and score the test entries (rank 0 alone after training).
 
-    Under DDP each rank's loss is the token mean of its shard and the gradients are averaged
-    over ranks, so the step equals the one-process step only when the shards hold equally
-    many target tokens (close, not exact, with padding)."""
+    Under DDP the step equals the one-process step with the global batch: each shard's token
+    mean is weighted by its share of the batch's target tokens (`Distributed.sharded_loss`)."""
     world = 1 if distributed is None else distributed.world_size
     is_main = distributed is None or distributed.is_main
     print_ = print if is_main else (lambda *args, **kwargs: None)  # only rank 0 talks

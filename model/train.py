@@ -256,9 +256,7 @@ def train(
     if distributed is not None:
         distributed.broadcast_parameters(model)
 
-        def step_loss_fn(inputs: Any, targets: Any, model: Any) -> engine.Tensor:
-            return loss_fn(distributed.shard(inputs), distributed.shard(targets), model)
-
+        step_loss_fn = distributed.sharded_loss(loss_fn)
         eval_loss_fn = distributed.sharded_mean(loss_fn)
         log = log if is_main else _quiet
     history = state.history
