@@ -11,7 +11,7 @@ import pytest
 import engine
 from engine import functional as F
 from engine import optim
-from model.decoder import PRESETS, chat_reply, estimate_memory, load_hf_folder
+from model.decoder import PRESETS, chat_reply, estimate_memory, get_decoder_config, load_hf_folder
 from model.decoder.config import count_parameters
 from model.decoder.hf import HFFolderError, config_from_hf, config_to_hf, export_hf_folder, load_hf_model
 from model.decoder.safetensors_io import bf16_to_float32, float32_to_bf16, read_header, read_tensor
@@ -44,6 +44,9 @@ def reference(directory):
 
 # --- configs, without transformers ---
 def test_preset_sizes_are_the_published_ones():
+    assert get_decoder_config("qwen3-0.6b", n_layers=2).n_layers == 2 and PRESETS["qwen3-0.6b"].n_layers == 28
+    with pytest.raises(ValueError, match="n_heads \\(6\\) must be a multiple of n_kv_heads \\(4\\)"):
+        get_decoder_config("llama-3.2-1b", n_heads=6, n_kv_heads=4)
     assert {name: count_parameters(c) for name, c in PRESETS.items()} == {
         "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824,
         "qwen3-0.6b": 596_049_920, "qwen3-1.7b": 1_720_574_976}
@@ -189,12 +192,14 @@ def test_folder_errors_name_the_problem(folders, tmp_path):
 
 def test_lora_fine_tuning_lowers_the_loss_and_merges(folders, tmp_path):
     model, tokenizer, template = load_hf_folder(folders["llama"])
-    counts = apply_lora(model, rank=4, alpha=8.0, targets=["q_proj", "v_proj", "gate_proj"])
-    assert counts.layers == 6 and counts.trainable == 2 * (4 * 64 * 2 + 4 * 64 + 4 * 32 + 4 * 64 + 4 * 96)
+    # lm_head is tied to embed_tokens: merging unties it, and the export must say so
+    counts = apply_lora(model, rank=4, alpha=8.0, targets=["q_proj", "v_proj", "gate_proj", "lm_head"])
+    per_layer = (4 * 64 + 64 * 4) + (4 * 64 + 32 * 4) + (4 * 64 + 96 * 4)  # A (rank, in) + B (out, rank)
+    assert counts.layers == 7 and counts.trainable == 2 * per_layer + 4 * 64 + 336 * 4
     ids = np.asarray([template.encode(tokenizer, [{"role": "user", "content": "Say hi"},
                                                   {"role": "assistant", "content": "Hi there!"}])])
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.0)
+    opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     losses = []
     for _ in range(12):
         opt.zero_grad()
@@ -202,13 +207,14 @@ def test_lora_fine_tuning_lowers_the_loss_and_merges(folders, tmp_path):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.75 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.6 * losses[0], losses
     with engine.no_grad():
         adapted = model(inputs).numpy()
     merge_lora(model)
     with engine.no_grad():
         assert_close(model(inputs).numpy(), adapted, 1e-5, 1e-5, "merged logits")
     reloaded = load_hf_model(export_hf_folder(model, tmp_path / "merged"))
+    assert not reloaded.config.tie_weights
     with engine.no_grad():
         assert_close(reloaded(inputs).numpy(), adapted, 1e-5, 1e-5, "exported merged logits")
 
@@ -223,3 +229,26 @@ def test_chat_reply_stops_at_the_end_of_turn(folders):
     tail = [int(t) for t in out[len(prompt):]]
     stop = tokenizer.special_tokens["<|im_end|>"]
     assert reply == tokenizer.decode(tail[:tail.index(stop)] if stop in tail else tail)
+
+
+def test_numpy_and_triton_backends_agree():
+    """The same tiny Qwen3-style model (GQA, q/k norm, untied) on both backends: loss and every gradient."""
+    from model.decoder import DecoderConfig, DecoderModel
+
+    config = DecoderConfig(model_type="qwen3", vocab_size=50, context_length=32, emb_dim=32, hidden_dim=48,
+                           n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, qk_norm=True, tie_weights=False)
+    ids = np.random.default_rng(2).integers(0, 50, size=(2, 11))
+    state, results = None, {}
+    for backend in ("numpy", "triton"):
+        engine.set_backend(backend)
+        engine.manual_seed(0)
+        model = DecoderModel(config)
+        if state is None:
+            state = model.state_dict()
+        model.load_state_dict(state)
+        loss = F.cross_entropy(model(ids), np.roll(ids, -1, axis=1))
+        loss.backward()
+        results[backend] = loss.item(), {n: engine.get_backend().to_numpy(p.grad) for n, p in model.named_parameters()}
+    assert results["triton"][0] == pytest.approx(results["numpy"][0], abs=1e-5)
+    for name, grad in results["numpy"][1].items():
+        assert_close(results["triton"][1][name], grad, 1e-5, 1e-4, f"triton grad of {name}")

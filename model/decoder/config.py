@@ -48,8 +48,6 @@ class DecoderConfig:
     tie_weights: bool = True  # lm_head.weight is embed_tokens.weight
 
     def __post_init__(self) -> None:
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
         self.validate()
 
     def validate(self) -> None:
@@ -79,22 +77,6 @@ class DecoderConfig:
             problems.append(f"rope_scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got {s}")
         if problems:
             raise ValueError("invalid DecoderConfig: " + "; ".join(problems))
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per K/V head."""
-        return self.n_heads // self.n_kv_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DecoderConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DecoderConfig: unknown fields {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**data)
 
 
 _LLAMA32 = dict(model_type="llama", vocab_size=128256, context_length=131072, rms_norm_eps=1e-5,

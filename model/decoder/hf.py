@@ -12,6 +12,7 @@ a tied head is not stored (a stored copy of it is ignored, as transformers does)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -195,6 +196,7 @@ def load_hf_model(directory: str | os.PathLike, dtype: str = "float32", check_me
     check_weights(config, headers)
     estimate = estimate_memory(config, bytes_per_value=2 if dtype in ("bfloat16", "float16") else
                                np.dtype(dtype).itemsize, tokens=0)
+    # NOTE: only host memory is checked; on the triton backend the weights go to the GPU.
     free = available_memory() if check_memory else None
     if free is not None and engine.get_backend().name == "numpy" and estimate.weight_bytes > free:
         raise HFFolderError(f"{directory}: the weights need {estimate.weight_bytes / 1024**3:.1f} GiB in {dtype}, "
@@ -219,14 +221,16 @@ def export_hf_folder(model: DecoderModel, directory: str | os.PathLike, dtype: s
     "float32" or "bfloat16") that transformers loads; copy the tokenizer files of
     ``tokenizer_dir`` beside them. A LoRA model must be merged first (`merge_lora`)."""
     directory = Path(directory)
+    # NOTE: merging LoRA into a tied lm_head unties it (see model.lora.merge_lora): export it untied.
+    config = dataclasses.replace(model.config, tie_weights=model.lm_head.weight is model.embed_tokens.weight)
     names = {n for n, _ in model.named_parameters()}
-    expected = set(parameter_shapes(model.config))
+    expected = set(parameter_shapes(config))
     if names != expected:
-        raise ValueError(f"export_hf_folder: the model's parameters differ from a plain {model.config.model_type} "
+        raise ValueError(f"export_hf_folder: the model's parameters differ from a plain {config.model_type} "
                          f"({sorted(names ^ expected)[:4]} …); merge LoRA layers first (model.lora.merge_lora)")
     tensors = {_hf_name(n): p.numpy() for n, p in model.named_parameters()}
     write_safetensors(directory / "model.safetensors", tensors, dtype, metadata={"format": "pt"})
-    write_json_atomic(directory / "config.json", {**config_to_hf(model.config), "torch_dtype": dtype})
+    write_json_atomic(directory / "config.json", {**config_to_hf(config), "torch_dtype": dtype})
     for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
         source = Path(tokenizer_dir) / name
         if source.is_file() and source.resolve() != (directory / name).resolve():

@@ -99,8 +99,8 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], d
     blobs, header, offset = [], {}, 0
     for name, array in tensors.items():
         array = np.asarray(array, dtype=np.float32)
-        data = (float32_to_bf16(array) if dtype == "bfloat16" else array).astype("<" + ("u2" if dtype == "bfloat16"
-                                                                                        else "f4")).tobytes()
+        stored = float32_to_bf16(array).astype("<u2") if dtype == "bfloat16" else array.astype("<f4")
+        data = stored.tobytes()
         header[name] = {"dtype": "BF16" if dtype == "bfloat16" else "F32", "shape": list(array.shape),
                         "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
