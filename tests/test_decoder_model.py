@@ -175,7 +175,7 @@ def test_export_round_trips(folders, tmp_path):
         assert np.array_equal(read_tensor(info), read_tensor(original[name])), name
 
 
-def test_folder_errors_name_the_problem(folders, tmp_path):
+def test_folder_errors_name_the_problem(folders, tmp_path, monkeypatch):
     bad = shutil.copytree(folders["llama"], tmp_path / "bad")
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
@@ -185,6 +185,10 @@ def test_folder_errors_name_the_problem(folders, tmp_path):
     with pytest.raises(HFFolderError, match="model_type is 'mistral'"):
         load_hf_model(bad)
     (bad / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("model.decoder.hf.available_memory", lambda: 10_000)
+    with pytest.raises(HFFolderError, match=r"the weights need 0.0 GiB in float32, only 0.0 GiB are free"):
+        load_hf_model(bad)
+    load_hf_model(bad, check_memory=False)
     (bad / "model.safetensors").unlink()
     with pytest.raises(HFFolderError, match="neither model.safetensors nor"):
         load_hf_model(bad)
@@ -227,7 +231,7 @@ def test_chat_reply_stops_at_the_end_of_turn(folders):
     out = generate(model, np.asarray(prompt), 12)
     reply = chat_reply(model, tokenizer, template, messages, max_new_tokens=12)
     tail = [int(t) for t in out[len(prompt):]]
-    stop = tokenizer.special_tokens["<|im_end|>"]
+    stop = tokenizer.added_tokens["<|im_end|>"]
     assert reply == tokenizer.decode(tail[:tail.index(stop)] if stop in tail else tail)
 
 

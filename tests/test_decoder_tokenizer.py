@@ -47,6 +47,25 @@ def test_encode_and_decode_match_the_tokenizers_library(folders, kind):
     assert ours.encode("x")[:1] == ([ref.token_to_id("<|begin_of_text|>")] if kind == "llama" else ours.encode("x"))
 
 
+def test_gpt2_files_as_a_tokenizer_json_encode_like_the_gpt2_tokenizer(tmp_path):
+    """A 50k vocabulary with a lone ByteLevel pre-tokenizer (GPT-2's regex), on a whole short story."""
+    tokenizers = pytest.importorskip("tokenizers", reason="writes the tokenizer.json")
+    from model.datadir import data_file
+    from model.gpt2_tokenizer import gpt2_tokenizer
+
+    ref = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(data_file("gpt2/encoder.json")),
+                                                                str(data_file("gpt2/vocab.bpe"))))
+    ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref.decoder = tokenizers.decoders.ByteLevel()
+    ref.add_special_tokens(["<|endoftext|>"])
+    ref.save(str(tmp_path / "tokenizer.json"))
+    ours = HFTokenizer.from_folder(tmp_path)
+    assert ours.vocab_size == 50257
+    story = data_file("the-verdict.txt").read_text(encoding="utf-8")
+    for text in TRICKY + [story]:
+        assert ours.encode(text) == ref.encode(text).ids == gpt2_tokenizer().encode(text, allowed_special="all")
+
+
 @pytest.mark.parametrize("flags", [{"add_bos_token": False}, {"add_eos_token": True},
                                    {"add_bos_token": True, "add_eos_token": True}])
 def test_bos_eos_follow_the_post_processor_as_in_transformers(folders, tmp_path, flags):
@@ -58,7 +77,7 @@ def test_bos_eos_follow_the_post_processor_as_in_transformers(folders, tmp_path,
     ours = HFTokenizer.from_folder(folder)
     for text in TRICKY[:8]:
         assert ours.encode(text) == ref(text)["input_ids"], (flags, text)
-    assert ours.encode("hi")[0] == ours.special_tokens["<|begin_of_text|>"]
+    assert ours.encode("hi")[0] == ours.added_tokens["<|begin_of_text|>"]
 
 
 def test_unsupported_tokenizer_files_are_named(folders):

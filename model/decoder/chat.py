@@ -86,7 +86,7 @@ class ChatTemplate:
         return tokenizer.encode(self.render(messages, add_generation_prompt, **options), add_special_tokens=False)
 
     def stop_ids(self, tokenizer: HFTokenizer) -> list[int]:
-        return [tokenizer.special_tokens[t] for t in self.stop_tokens if t in tokenizer.special_tokens]
+        return [tokenizer.added_tokens[t] for t in self.stop_tokens if t in tokenizer.added_tokens]
 
 
 TEMPLATES = {
@@ -99,6 +99,6 @@ _NEEDED = {"llama": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_i
 
 def chat_template_for(model_type: str, tokenizer: HFTokenizer) -> ChatTemplate | None:
     """The native template of ``model_type``, or None when the tokenizer lacks its special tokens."""
-    if model_type not in TEMPLATES or any(t not in tokenizer.special_tokens for t in _NEEDED[model_type]):
+    if model_type not in TEMPLATES or any(t not in tokenizer.added_tokens for t in _NEEDED[model_type]):
         return None
     return TEMPLATES[model_type]

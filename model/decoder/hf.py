@@ -205,7 +205,7 @@ def load_hf_model(directory: str | os.PathLike, dtype: str = "float32", check_me
     backend = engine.get_backend()
     rng_state = backend.rng_state()  # NOTE: building draws init values; loading must not move the RNG
     try:
-        model = DecoderModel(config)
+        model = DecoderModel(config, init_weights=False)
     finally:
         backend.set_rng_state(rng_state)
     for name, p in model.named_parameters():

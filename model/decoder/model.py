@@ -148,7 +148,7 @@ class DecoderModel(nn.Module):
     (``model(ids, kv_cache=...)``, ``new_kv_cache()``, ``config.context_length``), so the
     shared ``generate`` and training code drive it unchanged."""
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, init_weights: bool = True):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.emb_dim)
@@ -157,7 +157,8 @@ class DecoderModel(nn.Module):
         self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.embed_tokens.weight  # the same Parameter, updated once
-        self._init_weights()
+        if init_weights:  # a loader about to overwrite every weight skips the second draw
+            self._init_weights()
         self.inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def _init_weights(self) -> None:

@@ -49,19 +49,18 @@ class HFTokenizer:
         self.pattern = _pre_tokenizer_pattern(tokenizer_json.get("pre_tokenizer"))
         self.nfc = _uses_nfc(tokenizer_json.get("normalizer"))
         ranks = _mergeable_ranks(model["vocab"], model.get("merges") or [])
-        self.special_tokens = {}
-        for token in tokenizer_json.get("added_tokens") or []:
+        added = tokenizer_json.get("added_tokens") or []
+        for token in added:
             if token.get("lstrip") or token.get("rstrip") or token.get("single_word"):
                 raise TokenizerFileError(f"added token {token['content']!r} uses lstrip/rstrip/single_word, "
                                          "which is not supported")
-            self.special_tokens[token["content"]] = token["id"]
+        self.added_tokens = {token["content"]: token["id"] for token in added}  # special or not: matched in text
+        self.special_ids = {token["id"] for token in added if token.get("special")}  # what decode may skip
         # NOTE: an added token that is also a vocab entry is matched as a whole first anyway.
-        added_ids = set(self.special_tokens.values())
+        added_ids = set(self.added_tokens.values())
         ranks = {b: i for b, i in ranks.items() if i not in added_ids}
         self.encoding = tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=ranks,
-                                          special_tokens=self.special_tokens)
-        self.skippable = {i for t, i in self.special_tokens.items()
-                          if any(a["content"] == t and a.get("special") for a in tokenizer_json["added_tokens"])}
+                                          special_tokens=self.added_tokens)
         self.bos_token, self.eos_token = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         self.prefix_ids, self.suffix_ids = _template_ids(tokenizer_json.get("post_processor"))
 
@@ -89,7 +88,7 @@ class HFTokenizer:
         return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.skippable)]
+        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.special_ids)]
         return self.encoding.decode(ids, errors="replace")
 
 
