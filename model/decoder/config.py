@@ -13,6 +13,7 @@ The presets hold the published config.json values of each model; their parameter
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,13 +128,7 @@ def parameter_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
 
 def count_parameters(config: DecoderConfig) -> int:
     """Number of parameters (a tied head counted once), computed without allocating."""
-    total = 0
-    for shape in parameter_shapes(config).values():
-        n = 1
-        for s in shape:
-            n *= s
-        total += n
-    return total
+    return sum(math.prod(shape) for shape in parameter_shapes(config).values())
 
 
 @dataclass

@@ -112,18 +112,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise HFFolderError(f"{path} is missing; --hf-dir must be a Hugging Face model folder") from None
+        raise HFFolderError(f"{path} is missing: not a Hugging Face model folder") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise HFFolderError(f"{path}: not valid JSON ({err})") from None
 
 
 def read_hf_config(directory: str | os.PathLike) -> DecoderConfig:
     path = Path(directory) / "config.json"
+    hf = _read_json(path)
     try:
-        return config_from_hf(_read_json(path))
+        return config_from_hf(hf)
     except ValueError as err:
-        if isinstance(err, HFFolderError):
-            raise
         raise HFFolderError(f"{path}: {err}") from None
 
 
