@@ -20,7 +20,7 @@ from model.lora import apply_lora, merge_lora
 from tests.op_check import assert_close
 
 KINDS = ("llama", "qwen3")
-IDS = np.random.default_rng(1).integers(0, 320, size=(2, 37))  # a prime length, past the rope's 16-position wavelengths
+IDS = np.random.default_rng(1).integers(0, 320, size=(2, 37))  # prime; > the 32-position blended wavelength
 
 
 @pytest.fixture(scope="module")
