@@ -47,8 +47,7 @@ def test_transformers_checkpoint_loads_with_our_loader(tmp_path, tied):
     "tied",
     "untied",
     # a tied head that merge_lora untied: the config still says tied, the weights do not
-    pytest.param("untied_by_lora_merge", marks=pytest.mark.xfail(
-        strict=True, reason="export_hf drops an untied head (issue 13)")),
+    "untied_by_lora_merge",
 ])
 def test_our_export_loads_in_transformers(tmp_path, head):
     engine.manual_seed(0)
