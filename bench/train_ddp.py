@@ -32,10 +32,10 @@ def worker(args: argparse.Namespace) -> None:
     import engine
     from engine import optim
     from model.config import get_config
-    from model.data import DataLoader, SlidingWindowDataset
-    from model.distributed import Distributed
+    from model.data.windows import DataLoader, SlidingWindowDataset
     from model.gpt import GPTModel
-    from model.train import calc_loss_batch
+    from model.training.distributed import Distributed
+    from model.training.loop import calc_loss_batch
 
     engine.set_backend(args.backend or ("triton" if _cuda() else "numpy"))
     dist = Distributed.from_env(timeout=120)

@@ -24,24 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
 import engine
 from engine import optim
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import PRESETS, get_config
-from model.data import DataLoader
-from model.datadir import DataFileNotFoundError, add_data_dir_argument
-from model.distributed import Distributed, add_ddp_argument, run_maybe_distributed
-from model.files import write_json_atomic
-from model.generate import generate
-from model.gpt import GPTModel, count_parameters, model_from_state_dict
-from model.gpt2_tokenizer import gpt2_tokenizer
-from model.hf_gpt2 import HF_MODELS, HFDownloadError, download_hf_gpt2, load_hf_gpt2
-from model.instruct_data import (
-    PAD_TOKEN_ID,
-    RESPONSE_HEADER,
+from model.data.datadir import DataFileNotFoundError, add_data_dir_argument
+from model.data.files import write_json_atomic
+from model.data.instructions import (
     InstructionDataError,
     InstructionDataset,
     collate,
@@ -49,39 +37,17 @@ from model.instruct_data import (
     load_instruction_data,
     split_data,
 )
-from model.lora import LoRACounts, apply_lora, merge_lora, save_lora
-from model.plot import plot_losses
-from model.score_responses import JudgeError, add_judge_arguments, score_entries, score_file
-from model.train import TrainConfig, TrainingInterrupted, TrainState, train
-
-RESPONSES_FILE = "instruction-data-with-response.json"
-
-
-# --- responses ---
-def extract_response(generated: str) -> str:
-    """The model's answer in text generated after a prompt: what follows the first
-    "### Response:" header (all of it when there is none), stripped."""
-    _, header, after = generated.partition(RESPONSE_HEADER)
-    return (after if header else generated).strip()
-
-
-def generate_response(model: GPTModel, tokenizer: Any, entry: dict[str, Any], max_new_tokens: int = 256,
-                      eos_id: int = PAD_TOKEN_ID) -> str:
-    """Greedy response (KV cache, stops at `eos_id`) to ``format_input(entry)``."""
-    prompt_ids = tokenizer.encode(format_input(entry))
-    out = generate(model, np.asarray([prompt_ids], dtype=np.int64), max_new_tokens, temperature=0.0,
-                   eos_id=eos_id, use_cache=True)  # (1, T + n)
-    new_ids = [int(t) for t in out[0, len(prompt_ids):]]
-    if eos_id in new_ids:
-        new_ids = new_ids[:new_ids.index(eos_id)]
-    return extract_response(tokenizer.decode(new_ids))
-
-
-def generate_responses(model: GPTModel, tokenizer: Any, entries: Sequence[dict[str, Any]],
-                       max_new_tokens: int = 256, progress: bool = True) -> list[dict[str, Any]]:
-    """Copies of `entries`, each with the generated ``model_response``."""
-    return [{**entry, "model_response": generate_response(model, tokenizer, entry, max_new_tokens)}
-            for entry in tqdm(entries, desc="responding", unit="entry", disable=not progress)]
+from model.data.windows import DataLoader
+from model.gpt import GPTModel, count_parameters, model_from_state_dict
+from model.lora import merge_lora, save_lora
+from model.tasks.instruction import RESPONSES_FILE, add_lora, generate_responses
+from model.tasks.scoring import JudgeError, add_judge_arguments, score_entries, score_file
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.training.distributed import Distributed, add_ddp_argument, run_maybe_distributed
+from model.training.loop import TrainConfig, TrainingInterrupted, TrainState, train
+from model.training.plot import plot_losses
+from model.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.weights.hf import HF_MODELS, HFDownloadError, download_hf_gpt2, load_hf_gpt2
 
 
 # --- the command ---
@@ -279,15 +245,6 @@ def _fine_tune(parser: argparse.ArgumentParser, args: argparse.Namespace, judge:
     scored = score_entries(responses, **judge)
     write_json_atomic(out_dir / "scores.json", scored)
     return 0
-
-
-def add_lora(model: GPTModel, rank: int, alpha: float) -> LoRACounts:
-    """LoRA on every Linear of the blocks, and on the head unless it is tied to ``wte``.
-
-    NOTE: merging a LoRA head tied to ``wte`` would untie it, and a checkpoint of a
-    tied config stores the two under one Parameter: the merged head would be lost."""
-    targets = ["c_attn", "c_proj", "c_fc"] + ([] if model.lm_head.weight is model.wte.weight else ["lm_head"])
-    return apply_lora(model, rank=rank, alpha=alpha, targets=targets)
 
 
 def _write_history(out_dir: Path, history: dict[str, list]) -> Path | None:

@@ -40,8 +40,8 @@ import safetensors.numpy
 import engine
 from engine import functional as F
 from engine import nn
-from model.checkpoint import checkpoint_paths
-from model.files import atomic_write
+from model.data.files import atomic_write
+from model.weights.checkpoint import checkpoint_paths
 
 FORMAT = "scratchgpt-lora"
 VERSION = 1

@@ -11,7 +11,7 @@ import pytest
 
 import engine
 from engine import functional as F
-from tests.op_check import assert_close
+from tests.helpers.op_check import assert_close
 from tests.test_nn_optim import OurBlock
 
 
@@ -148,8 +148,8 @@ def test_autocast_bf16_keeps_fp32_weights_grads_and_loss():
 def test_small_gpt_same_logits_gradients_and_first_losses_on_both_backends():
     from engine import optim
     from model.config import get_config
-    from model.generate import generate
     from model.gpt import GPTModel
+    from model.sampling import generate
 
     config = get_config("tiny", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
     engine.set_backend("numpy")

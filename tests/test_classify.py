@@ -10,18 +10,9 @@ import numpy as np
 import pytest
 
 import engine
-from model.classify import (
-    GPTClassifier,
-    calc_accuracy_loader,
-    classify_text,
-    freeze_for_finetuning,
-    load_classifier,
-    main,
-)
+from model.classify import main
 from model.config import get_config
-from model.gpt import GPTModel
-from model.gpt2_tokenizer import gpt2_tokenizer
-from model.spam_data import (
+from model.data.spam import (
     PAD_TOKEN_ID,
     SpamDataError,
     SpamDataset,
@@ -31,6 +22,15 @@ from model.spam_data import (
     random_split,
     read_sms_spam,
 )
+from model.gpt import GPTModel
+from model.tasks.classification import (
+    GPTClassifier,
+    calc_accuracy_loader,
+    classify_text,
+    freeze_for_finetuning,
+    load_classifier,
+)
+from model.tokenizers.gpt2 import gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")

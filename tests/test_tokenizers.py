@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from model.bpe import BytePairTokenizer
-from model.datadir import data_file, resolve_data_dir
-from model.gpt2_tokenizer import gpt2_tokenizer
-from model.tokenizer import SimpleTokenizerV1, SimpleTokenizerV2, UnknownTokenError, build_vocab, split_words
+from model.data.datadir import data_file, resolve_data_dir
+from model.tokenizers.bpe import BytePairTokenizer
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.tokenizers.simple import SimpleTokenizerV1, SimpleTokenizerV2, UnknownTokenError, build_vocab, split_words
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model.datadir import data_file
+from model.data.datadir import data_file
 
 INSTRUCTION_DATA_FILE = "instruction-data.json"
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, also used as padding

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import tiktoken
 
-from model.bpe import BytePairTokenizer
-from model.datadir import data_file
+from model.data.datadir import data_file
+from model.tokenizers.bpe import BytePairTokenizer
 
 
 def gpt2_tokenizer(data_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:

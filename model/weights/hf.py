@@ -26,11 +26,11 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from model.checkpoint import CheckpointError
 from model.config import GPTConfig
-from model.datadir import user_cache_dir
-from model.files import atomic_write, download
+from model.data.datadir import user_cache_dir
+from model.data.files import atomic_write, download
 from model.gpt import GPTModel, model_from_state_dict
+from model.weights.checkpoint import CheckpointError
 
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_FILES = ("config.json", "model.safetensors")
