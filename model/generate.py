@@ -17,23 +17,21 @@ import sys
 from collections.abc import Sequence
 
 import engine
-from model.config import PRESETS, get_config
+from model.config import PRESETS
 from model.data.datadir import DataFileNotFoundError, add_data_dir_argument
 from model.gpt import GPTModel
 from model.sampling import generate, ids_to_text, text_to_ids
 from model.tokenizers.gpt2 import gpt2_tokenizer
-from model.weights.checkpoint import CheckpointError, load_model_from_checkpoint
-from model.weights.hf import HF_MODELS, HFDownloadError, download_hf_gpt2, load_hf_gpt2
+from model.training.cli import command_parser
+from model.weights.checkpoint import CheckpointError
+from model.weights.hf import HF_MODELS, HFDownloadError
+from model.weights.start import load_start_model
 
 
-# --- command line ---
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.generate",
-        description="Continue a prompt with a GPT: a trained checkpoint, OpenAI's GPT-2 weights, "
-        "or an untrained preset.",
-    )
-    parser.add_argument("--prompt", default="Every effort moves you", help="text to continue (default: %(default)r)")
+    parser = command_parser("generate", "Continue a prompt with a GPT: a trained checkpoint, OpenAI's GPT-2 "
+                                        "weights, or an untrained preset.")
+    parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH",
                         help="checkpoint written by save_checkpoint (PATH.safetensors + PATH.json)")
@@ -42,15 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--hf-dir", metavar="DIR",
                         help="local Hugging Face GPT-2 directory holding config.json and model.safetensors")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
-                        help="untrained model to build when no weights are given (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: %(default)s)")
+                        help="untrained model to build when no weights are given")
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help="sampling temperature; 0 = greedy decoding (default: %(default)s)")
+                        help="sampling temperature; 0 = greedy decoding")
     parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample only among the most likely tokens whose probabilities add up to p (nucleus)")
     parser.add_argument("--seed", type=int, default=123,
-                        help="seed for sampling and for an untrained model's init (default: %(default)s)")
+                        help="seed for sampling and for an untrained model's init")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop when the model emits <|endoftext|>")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step")
     parser.add_argument("--backend", choices=["numpy", "triton"], default=None,
@@ -63,16 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(args: argparse.Namespace) -> GPTModel:
     """The model the command-line arguments name."""
-    if args.checkpoint:
-        return load_model_from_checkpoint(args.checkpoint)[0]
-    if args.hf_dir:
-        return load_hf_gpt2(args.hf_dir)
-    if args.hf_model:
-        return load_hf_gpt2(download_hf_gpt2(args.hf_model, args.cache_dir))
-    print(f"note: no --checkpoint/--hf-model/--hf-dir given: an untrained {args.preset!r} model "
-          "writes gibberish", file=sys.stderr)
-    engine.manual_seed(args.seed)
-    return GPTModel(get_config(args.preset))
+    if not (args.checkpoint or args.hf_dir or args.hf_model):
+        print(f"note: no --checkpoint/--hf-model/--hf-dir given: an untrained {args.preset!r} model "
+              "writes gibberish", file=sys.stderr)
+        engine.manual_seed(args.seed)
+    return load_start_model(checkpoint=args.checkpoint, hf_model=args.hf_model, hf_dir=args.hf_dir,
+                            preset=args.preset, cache_dir=args.cache_dir)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -61,20 +61,15 @@ def generate(
 
     if isinstance(ids, engine.Tensor):
         ids = ids.numpy()
-    was_training = model.training
-    model.eval()
-    try:
-        with engine.no_grad():
-            if _is_ragged(ids):
-                return [run(np.asarray(p, dtype=np.int64)[None])[0] for p in ids]
-            batch = np.asarray(ids, dtype=np.int64)
-            if batch.ndim == 1:
-                return run(batch[None])[0]
-            if batch.ndim != 2:
-                raise ValueError(f"generate: ids must be (batch, seq_len), got shape {batch.shape}")
-            return run(batch)
-    finally:
-        model.train(was_training)
+    with model.evaluating(), engine.no_grad():
+        if _is_ragged(ids):
+            return [run(np.asarray(p, dtype=np.int64)[None])[0] for p in ids]
+        batch = np.asarray(ids, dtype=np.int64)
+        if batch.ndim == 1:
+            return run(batch[None])[0]
+        if batch.ndim != 2:
+            raise ValueError(f"generate: ids must be (batch, seq_len), got shape {batch.shape}")
+        return run(batch)
 
 
 def _is_ragged(ids: Any) -> bool:

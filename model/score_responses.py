@@ -27,16 +27,13 @@ from model.tasks.scoring import (
     add_judge_arguments,
     score_file,
 )
+from model.training.cli import command_parser
 
 
-# --- command line ---
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m model.score_responses",
-        description="Score model responses (JSON list with instruction/input/output/model_response) against the "
-                    "reference outputs: exact match, token F1, ROUGE-L, and optionally an LLM judge via Ollama.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = command_parser("score_responses", "Score model responses (JSON list with instruction/input/output/"
+                       "model_response) against the reference outputs: exact match, token F1, ROUGE-L, and "
+                       "optionally an LLM judge via Ollama.")
     p.add_argument("file", help="responses JSON, e.g. written by python -m model.instruct")
     p.add_argument("--out", default=None, help="write per-entry scores and the summary to this JSON file")
     add_judge_arguments(p)
@@ -51,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    judge_timeout=args.judge_timeout, progress=not args.no_progress)
     except (InstructionDataError, JudgeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

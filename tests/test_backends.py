@@ -11,8 +11,8 @@ import pytest
 
 import engine
 from engine import functional as F
+from tests.helpers.models import OurBlock
 from tests.helpers.op_check import assert_close
-from tests.test_nn_optim import OurBlock
 
 
 def run_on(backend: str, fn: Callable, arrays: list[np.ndarray], upstream_seed: int = 1):

@@ -148,16 +148,16 @@ def test_short_run_beats_chance_and_writes_outputs(trained):
     accuracy = history["final_accuracy"]
     assert accuracy["test"] > 0.7 and accuracy["val"] > 0.7, accuracy  # chance is 0.5 (balanced classes)
     assert len(history["step_loss"]) == 20 and history["step"] == [1, 11]
-    for name in ("classifier.safetensors", "classifier.json", "loss.png"):
+    for name in ("checkpoint.safetensors", "checkpoint.json", "loss.png"):
         assert (trained / name).is_file()
-    meta = json.loads((trained / "classifier.json").read_text())
+    meta = json.loads((trained / "checkpoint.json").read_text())
     info = meta["extra"]["classifier"]
     assert (info["max_length"], info["pad_token_id"], info["class_names"]) == (32, 50256, ["not spam", "spam"])
     assert meta["tensors"]["model.classifier.weight"]["shape"] == [2, 64]
 
 
 def test_loaded_checkpoint_predicts_as_trained(trained, tokenizer):
-    model, info = load_classifier(trained / "classifier")
+    model, info = load_classifier(trained / "checkpoint")
     data = create_spam_loaders(tokenizer, 64, info["max_length"])
     accuracy = json.loads((trained / "history.json").read_text())["final_accuracy"]
     assert calc_accuracy_loader(data.val_loader, model) == pytest.approx(accuracy["val"])
@@ -165,21 +165,22 @@ def test_loaded_checkpoint_predicts_as_trained(trained, tokenizer):
 
 def test_predict_cli(trained, capsys):
     assert main(["predict", "You are a winner! Call now to claim your free prize", "--checkpoint",
-                 str(trained / "classifier")]) == 0
+                 str(trained / "checkpoint")]) == 0
     out, err = capsys.readouterr()
     assert re.fullmatch(r"(spam|not spam) \(probability (0\.\d{3}|1\.000)\)\n", out), out
     assert err == ""
-    assert main(["predict", "free entry " * 40, "--checkpoint", str(trained / "classifier.json")]) == 0
+    assert main(["predict", "free entry " * 40, "--checkpoint", str(trained / "checkpoint.json")]) == 0
     out, err = capsys.readouterr()
     assert re.fullmatch(r"(spam|not spam) \(probability .*\)\n", out)
     assert re.search(r"note: the message has \d+ tokens, more than the 32 the classifier takes: only its first 32", err)
 
 
 def test_lora_run_saves_adapters_and_a_merged_checkpoint(tmp_path):
-    args = ["--preset", "tiny", "--lora-rank", "2", "--lr", "1e-3", "--max-steps", "2", "--max-length", "8",
+    args = ["--preset", "tiny", "--lora-rank", "2", "--lora-alpha", "2", "--lr", "1e-3", "--max-steps", "2",
+            "--max-length", "8",
             "--batch-size", "64", "--out-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     assert (tmp_path / "lora.safetensors").is_file() and (tmp_path / "lora.json").is_file()
-    model, info = load_classifier(tmp_path / "classifier")  # merged: plain Linear names
+    model, info = load_classifier(tmp_path / "checkpoint")  # merged: plain Linear names
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert info["trained"] == "LoRA rank 2, alpha 2"

@@ -288,9 +288,9 @@ def test_instruct_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
 def test_commands_report_bad_files(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c"}]))
-    assert instruct_main(["--preset", "tiny", "--data-file", str(bad), "--out-dir", str(tmp_path / "x")]) == 1
+    assert instruct_main(["--preset", "tiny", "--data-file", str(bad), "--out-dir", str(tmp_path / "x")]) == 2
     assert "entry 1: field 'output' is missing" in capsys.readouterr().err
-    assert score_main([str(bad)]) == 1
+    assert score_main([str(bad)]) == 2
     assert "field 'model_response' is missing" in capsys.readouterr().err
     assert read_json_entries(bad, required=("instruction",)) == json.loads(bad.read_text())
 

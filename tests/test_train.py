@@ -192,12 +192,12 @@ def test_bf16_precision_runs_the_loss_under_autocast():
 
     from model.config import get_config
     from model.gpt import GPTModel
-    from model.training.loop import bf16_loss_batch
+    from model.training.loop import calc_loss_batch, under_autocast
 
     engine.set_backend("triton")
     model = GPTModel(get_config("tiny", vocab_size=97, context_length=8, emb_dim=32, n_heads=2, n_layers=1))
     ids = np.arange(16).reshape(2, 8) % 97
-    loss = bf16_loss_batch(ids, ids, model)
+    loss = under_autocast(calc_loss_batch)(ids, ids, model)
     assert loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())

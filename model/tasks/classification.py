@@ -1,49 +1,18 @@
-"""Fine-tuning a GPT as a spam classifier: ``python -m model.classify`` (the book's chapter 6).
+"""Spam classification with a GPT (the book's chapter 6): the model, its loss, accuracy and prediction.
 
-The model is a GPT body with its language-model head swapped for a 2-class head
-(`GPTClassifier`); the class comes from the logits of the LAST token, the only position
-that has seen the whole (right-padded) message. By default, as the book, only the last
-transformer block, the final LayerNorm and the new head are trained (``--train-all``
-trains everything, ``--lora-rank R`` trains LoRA adapters instead, see model/lora.py).
-Loss and accuracy use the last-token logits; AdamW(lr 5e-5, weight decay 0.1), batch 8,
-5 epochs, train/val loss every 50 steps over 5 batches, train/val accuracy over 5
-batches after each epoch, then accuracy on the full train/val/test loaders.
-
-Starting points: our own GPT checkpoint (``--checkpoint``), Hugging Face GPT-2
-(``--hf-model gpt2`` downloads it, ``--hf-dir DIR`` reads a local copy), or random
-initialisation (``--preset``). The book's GPT-2 small run reaches 97.21 / 97.32 / 95.67 %
-train / val / test accuracy.
-
-Offline recipe (no pretrained weights): random initialisation of the ``tiny`` preset
-(2 blocks, 64-dim, context 64, so messages keep their first 64 tokens), every parameter
-trained with a higher learning rate, warmup, cosine decay and dropout::
-
-    python -m model.classify --preset tiny --train-all --lr 1e-3 --warmup-steps 20 --min-lr 1e-5 --drop-rate 0.1
-
-On the 2-core CPU with the numpy backend (seed 123, the default): 100.00 % train,
-96.64 % val, 94.33 % test accuracy, 650 steps in 2.6 min (2.5 CPU-minutes; under heavy
-load from other jobs the same run took 9.3 min). Seeds 1-5 gave 95.0-96.3 % test
-accuracy (six seeds: mean 95.5 %). The book's GPT-2 small from random weights: 93.7 %.
-
-Outputs in ``--out-dir``: ``classifier.safetensors`` + ``classifier.json`` (weights,
-GPT config, and under ``extra.classifier`` the head, max_length, pad id and class
-names; a LoRA run is merged first and its adapters also go to ``lora.*``),
-``loss.png``, ``accuracy.png`` and ``history.json``.
-
-``python -m model.classify predict "text" --checkpoint PATH`` prints ``spam`` or
-``not spam`` with its probability. A message with more tokens than the classifier's
-``max_length`` is cut to its first ``max_length`` tokens, as in the book, and a note
-says so (`classify_text` warns with a `TruncationWarning`).
+`GPTClassifier` is a GPT body with its language-model head swapped for a 2-class head; the
+class comes from the logits of the LAST token, the only position that has seen the whole
+(right-padded) message. A message with more tokens than the classifier's ``max_length`` is
+cut to its first ``max_length`` tokens, as in the book (`classify_text` warns with a
+`TruncationWarning`).
 
 Checkpoint parameter names: ``gpt.<GPT-2 name>`` for the body (``gpt.wte.weight``,
-``gpt.h.0.attn.c_attn.weight``, …; its ``lm_head`` is an `Identity`) and
+``gpt.h.0.attn.c_attn.weight``, ...; its ``lm_head`` is an `Identity`) and
 ``classifier.weight`` (2, emb_dim), ``classifier.bias`` (2,) for the head.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -53,13 +22,11 @@ import numpy as np
 import engine
 from engine import functional as F
 from engine import nn
-from model.config import GPTConfig, get_config
+from model.config import GPTConfig
 from model.data.spam import CLASS_NAMES, PAD_TOKEN_ID, encode_message
-from model.gpt import GPTModel, model_from_state_dict
+from model.gpt import GPTModel
+from model.training.plot import plot_curves
 from model.weights.checkpoint import CheckpointError, load_checkpoint
-from model.weights.hf import download_hf_gpt2, load_hf_gpt2
-
-CHECKPOINT_NAME = "classifier"
 
 
 class Identity(nn.Module):
@@ -97,20 +64,15 @@ def calc_loss_batch(input_batch: Any, target_batch: Any, model: GPTClassifier) -
 def calc_accuracy_loader(data_loader: Any, model: GPTClassifier, num_batches: int | None = None) -> float:
     """Share of correct last-token predictions over the first ``num_batches`` batches
     (all when None), in eval mode and without a graph (the mode is restored after)."""
-    was_training = model.training
-    model.eval()
     correct = seen = 0
     n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    try:
-        with engine.no_grad():
-            # NOTE: islice never asks for batch n+1, so a pass over the training loader
-            # does not count as a finished epoch (see model.train.calc_loss_loader).
-            for input_batch, target_batch in itertools.islice(iter(data_loader), n):
-                predicted = model(input_batch)[:, -1, :].numpy().argmax(axis=-1)  # (B,)
-                correct += int((predicted == np.asarray(target_batch)).sum())
-                seen += len(predicted)
-    finally:
-        model.train(was_training)
+    with model.evaluating(), engine.no_grad():
+        # NOTE: islice never asks for batch n+1, so a pass over the training loader
+        # does not count as a finished epoch (see model.training.loop.calc_loss_loader).
+        for input_batch, target_batch in itertools.islice(iter(data_loader), n):
+            predicted = model(input_batch)[:, -1, :].numpy().argmax(axis=-1)  # (B,)
+            correct += int((predicted == np.asarray(target_batch)).sum())
+            seen += len(predicted)
     return correct / seen if seen else float("nan")
 
 
@@ -123,13 +85,8 @@ def classify_text(model: GPTClassifier, tokenizer: Any, text: str, max_length: i
     if max_length > model.config.context_length:
         raise ValueError(f"max_length {max_length} exceeds the model's context length {model.config.context_length}")
     ids, _ = encode_message(tokenizer, text, max_length, pad_token_id, warn=True)
-    was_training = model.training
-    model.eval()
-    try:
-        with engine.no_grad():
-            probs = model(ids[None, :])[:, -1, :].softmax(-1).numpy()[0]  # (C,)
-    finally:
-        model.train(was_training)
+    with model.evaluating(), engine.no_grad():
+        probs = model(ids[None, :])[:, -1, :].softmax(-1).numpy()[0]  # (C,)
     label = int(probs.argmax())
     return class_names[label], float(probs[label])
 
@@ -172,26 +129,22 @@ def load_classifier(path: str | Path) -> tuple[GPTClassifier, dict[str, Any]]:
     return model.eval(), info
 
 
-def _load_base(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[GPTModel, str]:
-    """The GPT to start from and a description of it."""
-    drop = {} if args.drop_rate is None else {"drop_rate": args.drop_rate}
-    if args.context_length is not None and (args.checkpoint or args.hf_model or args.hf_dir):
-        parser.error("--context-length only applies to random initialisation (--preset); a pretrained model "
-                     "keeps its context length (use --max-length to shorten the inputs)")
-    if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint)
-        if "classifier" in (ckpt.extra or {}):
-            parser.error(f"--checkpoint {args.checkpoint} is already a classifier; give a GPT (language model) "
-                         "checkpoint, e.g. from python -m model.train")
-        config = dataclasses.replace(ckpt.config, **drop)
-        try:
-            return model_from_state_dict(config, ckpt.state_dict), f"checkpoint {ckpt.path}"
-        except KeyError as err:
-            raise CheckpointError(f"{ckpt.path}: weights do not fit its config: {err.args[0]}") from None
-    if args.hf_model or args.hf_dir:
-        hf_dir = args.hf_dir or download_hf_gpt2(args.hf_model)
-        return load_hf_gpt2(hf_dir, **drop), f"Hugging Face GPT-2 {args.hf_model or hf_dir}"
-    overrides = dict(drop)
-    if args.context_length is not None:
-        overrides["context_length"] = args.context_length
-    return GPTModel(get_config(args.preset, **overrides)), f"random initialisation ({args.preset})"
+def plot_classifier_history(history: dict[str, Any], batch_size: int, steps_per_epoch: int,
+                            out_dir: Path) -> list[Path]:
+    """loss.png (train/val loss per evaluation) and accuracy.png (per epoch), against epochs
+    with examples seen on the top axis, as the book's plot_values."""
+    plots = []
+    if history["step"]:
+        examples = [s * batch_size for s in history["step"]]
+        epochs = [s / steps_per_epoch for s in history["step"]]
+        plots.append(plot_curves(epochs, {"training loss": history["train_loss"],
+                                          "validation loss": history["val_loss"]},
+                                 out_dir / "loss.png", xlabel="epochs", ylabel="loss", x2=examples,
+                                 x2label="examples seen"))
+    accuracy = history.get("accuracy")
+    if accuracy and accuracy["epoch"]:
+        plots.append(plot_curves(accuracy["epoch"], {"training accuracy": accuracy["train_acc"],
+                                                     "validation accuracy": accuracy["val_acc"]},
+                                 out_dir / "accuracy.png", xlabel="epochs", ylabel="accuracy",
+                                 x2=accuracy["examples_seen"], x2label="examples seen"))
+    return plots

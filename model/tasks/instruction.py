@@ -1,21 +1,15 @@
-"""Instruction fine-tuning: ``python -m model.instruct`` (the book's chapter 7).
+"""Instruction following (the book's chapter 7): the data of a run, and the model's responses.
 
-With no arguments it runs the book's recipe: GPT-2 medium from Hugging Face (dropout 0),
-instruction-data.json split 85/10/5 (train/test/val), inputs padded per batch with the
-end-of-text token and padding targets ignored, AdamW(lr 5e-5, weight decay 0.1),
-batch 8, 2 epochs, train/val loss every 5 steps over 5 batches, then a greedy response
-(up to 256 tokens, stopping at end-of-text, with the KV cache) for every test entry.
-
-Written to ``--out-dir``: ``checkpoint.safetensors`` + ``checkpoint.json`` (a plain
-GPTModel; LoRA weights are merged into it), ``loss.png``, ``history.json``,
-``instruction-data-with-response.json`` (the test entries plus ``model_response``) and
-``scores.json`` (exact match, token F1, ROUGE-L; ``--judge`` adds an Ollama LLM judge).
-``--evaluate FILE`` only scores an existing responses file.
+`InstructionData` splits instruction-data.json 85/10/5 (train/test/val) and batches it
+(inputs padded per batch with the end-of-text token, padding targets ignored);
+`generate_responses` answers test entries greedily (KV cache, stopping at end-of-text).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,13 +18,61 @@ from tqdm import tqdm
 from model.data.instructions import (
     PAD_TOKEN_ID,
     RESPONSE_HEADER,
+    InstructionDataError,
+    InstructionDataset,
+    collate,
     format_input,
+    load_instruction_data,
+    split_data,
 )
+from model.data.windows import DataLoader
 from model.gpt import GPTModel
-from model.lora import LoRACounts, apply_lora
 from model.sampling import generate
 
 RESPONSES_FILE = "instruction-data-with-response.json"
+
+
+@dataclass
+class InstructionData:
+    """The entries of a run and the loaders of its training and validation splits."""
+
+    train_data: list[dict[str, Any]]
+    test_data: list[dict[str, Any]]
+    val_data: list[dict[str, Any]]
+    train_set: InstructionDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+    def summary(self, max_length: int, mask_prompt: bool) -> list[str]:
+        """Lines that describe the data; a warning when --mask-prompt leaves entries nothing to learn."""
+        n = len(self.train_data) + len(self.test_data) + len(self.val_data)
+        cut = sum(len(ex.ids) > max_length for ex in self.train_set.examples)
+        lines = [f"{n} entries: {len(self.train_data)} train / {len(self.test_data)} test / {len(self.val_data)} val; "
+                 f"{len(self.train_loader)} training batches of {self.train_loader.batch_size}; {cut} training "
+                 f"sequences cut to {max_length} tokens"]
+        lost = sum(ex.prompt_length >= max_length for ex in self.train_set.examples) if mask_prompt else 0
+        if lost:
+            lines.append(f"warning: {lost} training entries have no response tokens within {max_length} tokens, "
+                         "so --mask-prompt leaves them nothing to learn")
+        return lines
+
+
+def load_instruction_run(tokenizer: Any, batch_size: int, max_length: int, *, mask_prompt: bool = False,
+                         seed: int = 123, data_file: str | None = None, data_dir: str | None = None,
+                         max_test_entries: int | None = None) -> InstructionData:
+    """Read, split and batch the instruction data (`batch_size`: the global batch)."""
+    data = load_instruction_data(data_file, data_dir)
+    train_data, test_data, val_data = split_data(data)
+    if not train_data or not val_data:
+        raise InstructionDataError(f"{len(data)} entries are too few: the 85/10/5 split leaves "
+                                   f"{len(train_data)} for training and {len(val_data)} for validation")
+    if max_test_entries is not None:
+        test_data = test_data[:max_test_entries]
+    train_set, val_set = InstructionDataset(train_data, tokenizer), InstructionDataset(val_data, tokenizer)
+    batch_fn = functools.partial(collate, allowed_max_length=max_length, mask_prompt=mask_prompt)
+    train_loader = DataLoader(train_set, batch_size, shuffle=True, drop_last=True, seed=seed, collate_fn=batch_fn)
+    val_loader = DataLoader(val_set, batch_size, shuffle=False, drop_last=False, collate_fn=batch_fn)
+    return InstructionData(train_data, test_data, val_data, train_set, train_loader, val_loader)
 
 
 # --- responses ---
@@ -59,11 +101,3 @@ def generate_responses(model: GPTModel, tokenizer: Any, entries: Sequence[dict[s
     return [{**entry, "model_response": generate_response(model, tokenizer, entry, max_new_tokens)}
             for entry in tqdm(entries, desc="responding", unit="entry", disable=not progress)]
 
-
-def add_lora(model: GPTModel, rank: int, alpha: float) -> LoRACounts:
-    """LoRA on every Linear of the blocks, and on the head unless it is tied to ``wte``.
-
-    NOTE: merging a LoRA head tied to ``wte`` would untie it, and a checkpoint of a
-    tied config stores the two under one Parameter: the merged head would be lost."""
-    targets = ["c_attn", "c_proj", "c_fc"] + ([] if model.lm_head.weight is model.wte.weight else ["lm_head"])
-    return apply_lora(model, rank=rank, alpha=alpha, targets=targets)

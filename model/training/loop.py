@@ -68,14 +68,9 @@ def evaluate(model: Any, train_loader: Any, val_loader: Any, eval_iters: int,
              loss_fn: LossFn = calc_loss_batch) -> tuple[float, float]:
     """The book's evaluate_model: (train loss, val loss) over the first `eval_iters` batches
     of each loader, in eval mode (no dropout) and without a graph; restores the mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        train_loss = calc_loss_loader(train_loader, model, eval_iters, loss_fn)
-        val_loss = calc_loss_loader(val_loader, model, eval_iters, loss_fn)
-    finally:
-        model.train(was_training)
-    return train_loss, val_loss
+    with model.evaluating():
+        return (calc_loss_loader(train_loader, model, eval_iters, loss_fn),
+                calc_loss_loader(val_loader, model, eval_iters, loss_fn))
 
 
 def perplexity(loss: float) -> float:
@@ -239,7 +234,7 @@ def train(
     """
     config = config or TrainConfig()
     state = state if state is not None else TrainState()
-    log = log or _log
+    log = log or log_line
     is_main = distributed is None or distributed.is_main
     step_loss_fn, eval_loss_fn = loss_fn, loss_fn
     if distributed is not None:
@@ -316,7 +311,7 @@ def train(
     return history
 
 
-def _log(message: str) -> None:
+def log_line(message: str) -> None:
     """Print above the progress bar, flushed so a redirected log shows each line as it comes."""
     tqdm.write(message)
     sys.stdout.flush()
@@ -339,8 +334,12 @@ def _evaluate_and_log(model: Any, train_loader: Any, val_loader: Any, config: Tr
         f" | val loss {val_loss:.3f} (ppl {perplexity(val_loss):9.2f}) | tokens {state.tokens_seen}")
 
 
-def bf16_loss_batch(input_batch: Any, target_batch: Any, model: Any) -> engine.Tensor:
-    """`calc_loss_batch` under bf16 autocast: bf16 matmuls and kernels; fp32 master weights,
+def under_autocast(loss_fn: LossFn, dtype: str = "bfloat16") -> LossFn:
+    """`loss_fn` under `engine.autocast`: bf16 matmuls and kernels; fp32 master weights,
     optimizer state, LayerNorm statistics and loss."""
-    with engine.autocast("bfloat16"):
-        return calc_loss_batch(input_batch, target_batch, model)
+
+    def autocast_loss(input_batch: Any, target_batch: Any, model: Any) -> engine.Tensor:
+        with engine.autocast(dtype):
+            return loss_fn(input_batch, target_batch, model)
+
+    return autocast_loss
