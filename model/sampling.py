@@ -20,6 +20,7 @@ import tiktoken
 
 import engine
 from model.gpt import GPTModel, KVCache
+from model.tokenizers.gpt2 import encode_text
 
 
 def generate(
@@ -144,7 +145,7 @@ def sample_next(
 
 def text_to_ids(text: str, tokenizer: tiktoken.Encoding) -> np.ndarray:
     """Token ids (1, T) of ``text``; special tokens such as <|endoftext|> are allowed."""
-    return np.asarray([tokenizer.encode(text, allowed_special="all")], dtype=np.int64)
+    return np.asarray([encode_text(tokenizer, text)], dtype=np.int64)
 
 
 def ids_to_text(ids: Any, tokenizer: tiktoken.Encoding) -> str:

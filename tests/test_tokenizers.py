@@ -233,3 +233,15 @@ def test_train_warns_when_text_runs_out_of_pairs():
         tokenizer = BytePairTokenizer.train("ab ab", vocab_size=300)
     assert tokenizer.vocab_size < 300
     assert tokenizer.decode(tokenizer.encode("ab ab ba")) == "ab ab ba"
+
+
+def test_one_rule_for_special_tokens_in_text():
+    """encode_text: <|endoftext|> in text is the token, on tiktoken and our BPE alike; other specials are text."""
+    from model.tokenizers.gpt2 import encode_text
+
+    fast = gpt2_tokenizer()
+    ours = BytePairTokenizer.from_gpt2_files(data_file("gpt2/encoder.json"), data_file("gpt2/vocab.bpe"))
+    text = "Hi<|endoftext|>there <|fim_prefix|>"
+    assert encode_text(fast, text) == encode_text(ours, text)
+    assert encode_text(fast, text).count(50256) == 1
+    assert encode_text(fast, "<|fim_prefix|>") == fast.encode_ordinary("<|fim_prefix|>")

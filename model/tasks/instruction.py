@@ -28,6 +28,7 @@ from model.data.instructions import (
 from model.data.windows import DataLoader
 from model.gpt import GPTModel
 from model.sampling import generate
+from model.tokenizers.gpt2 import encode_text
 
 RESPONSES_FILE = "instruction-data-with-response.json"
 
@@ -86,7 +87,7 @@ def extract_response(generated: str) -> str:
 def generate_response(model: GPTModel, tokenizer: Any, entry: dict[str, Any], max_new_tokens: int = 256,
                       eos_id: int = PAD_TOKEN_ID) -> str:
     """Greedy response (KV cache, stops at `eos_id`) to ``format_input(entry)``."""
-    prompt_ids = tokenizer.encode(format_input(entry))
+    prompt_ids = encode_text(tokenizer, format_input(entry))
     out = generate(model, np.asarray([prompt_ids], dtype=np.int64), max_new_tokens, temperature=0.0,
                    eos_id=eos_id, use_cache=True)  # (1, T + n)
     new_ids = [int(t) for t in out[0, len(prompt_ids):]]
