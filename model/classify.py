@@ -36,20 +36,9 @@ from model.tasks.classification import (
     plot_classifier_history,
 )
 from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.training import run
 from model.training.cli import HelpFormatter, Recipe, add_training_command_arguments, command_parser
 from model.training.loop import TrainState
-from model.training.run import (
-    RunContext,
-    fit,
-    make_optimizer,
-    make_train_config,
-    parse_with_resume,
-    resumed_state,
-    run_command,
-    save_run,
-    start_model,
-    write_history,
-)
 from model.weights.checkpoint import CheckpointError
 
 RECIPE = Recipe(out_dir="runs/classify", epochs=5, batch_size=8, lr=5e-5, eval_interval=50, drop_rate=0.0,
@@ -102,17 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
     parser = build_parser()
-    args, checkpoint = parse_with_resume(parser, argv[1:] if argv[:1] == ["train"] else argv)
+    args, checkpoint = run.parse_with_resume(parser, argv[1:] if argv[:1] == ["train"] else argv)
     if args.train_all and args.lora_rank:
         parser.error("--train-all and --lora-rank exclude each other: LoRA trains only its adapters")
-    return run_command(parser, args, _train, user_errors=(SpamDataError,), resume=checkpoint)
+    return run.run_command(parser, args, _train, user_errors=(SpamDataError,), resume=checkpoint)
 
 
-def _train(ctx: RunContext) -> int:
+def _train(ctx: run.RunContext) -> int:
     """Build, fine-tune, evaluate, save."""
     args = ctx.args
     start_time, start_cpu = time.perf_counter(), time.process_time()
-    gpt, source = start_model(ctx, RECIPE)
+    gpt, source = run.start_model(ctx, RECIPE)
     model = GPTClassifier(gpt, num_classes=len(CLASS_NAMES))
     if args.lora_rank:
         mode = f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}"
@@ -147,14 +136,14 @@ def _train(ctx: RunContext) -> int:
             accuracy[key].append(value)
         ctx.log(f"epoch {state.epoch}: training accuracy {train_acc:.2%} | validation accuracy {val_acc:.2%}")
 
-    optimizer = make_optimizer(model, args)
-    state = resumed_state(ctx, model, optimizer)
+    optimizer = run.make_optimizer(model, args)
+    state = run.resumed_state(ctx, model, optimizer)
 
     def save(state: TrainState, **extra: Any) -> Any:
-        return save_run(ctx, model, state, optimizer=optimizer, extra={"classifier": info, **extra})
+        return run.save_run(ctx, model, state, optimizer=optimizer, extra={"classifier": info, **extra})
 
     train_start = time.perf_counter()
-    state = fit(ctx, model, optimizer, data.train_loader, data.val_loader, make_train_config(args),
+    state = run.fit(ctx, model, optimizer, data.train_loader, data.val_loader, run.make_train_config(args),
                 loss_fn=calc_loss_batch, save=save, state=state, on_step=after_step,
                 resume_command="python -m model.classify")
     if state is None:
@@ -167,7 +156,7 @@ def _train(ctx: RunContext) -> int:
     if not ctx.is_main:  # rank 0 alone writes (every rank holds the same weights)
         return 0
     path = save(state, accuracy=final)
-    write_history(ctx, state.history, plot=False)
+    run.write_history(ctx, state.history, plot=False)
     plots = plot_classifier_history(state.history, args.batch_size * ctx.world_size, len(data.train_loader),
                                     ctx.out_dir)
     print(f"training accuracy {final['train']:.2%} | validation accuracy {final['val']:.2%} | "

@@ -1,13 +1,6 @@
-"""Text generation (the book's chapters 4 and 5): greedy, temperature, top-k and top-p
-sampling, with a KV cache.
+"""Continue a prompt with a GPT: ``python -m model.generate --prompt "Every effort moves you" --hf-model gpt2``.
 
-    python -m model.generate --prompt "Every effort moves you" --hf-model gpt2
-
-`generate` decodes a batch of equal-length prompts in lock step. Prompts of different
-lengths (a list of lists) are decoded one at a time, since the model has no padding
-mask. With the cache, each step feeds only the new token; once the sequence outgrows
-``context_length`` every step recomputes over the last ``context_length`` tokens
-(absolute positions shift, so cached keys would be wrong), exactly as the uncached path.
+Greedy by default; ``--temperature``, ``--top-k`` and ``--top-p`` sample (model.sampling).
 """
 
 from __future__ import annotations

@@ -31,20 +31,9 @@ from model.lora import apply_gpt_lora
 from model.tasks.instruction import RESPONSES_FILE, generate_responses, load_instruction_run
 from model.tasks.scoring import JudgeError, add_judge_arguments, score_entries, score_file
 from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.training import run
 from model.training.cli import Recipe, add_training_command_arguments, command_parser
 from model.training.loop import calc_loss_batch
-from model.training.run import (
-    RunContext,
-    fit,
-    make_optimizer,
-    make_train_config,
-    parse_with_resume,
-    resumed_state,
-    run_command,
-    save_run,
-    start_model,
-    write_history,
-)
 
 RECIPE = Recipe(out_dir="runs/instruct", epochs=2, batch_size=8, lr=5e-5, eval_interval=5, drop_rate=0.0,
                 start="OpenAI's gpt2-medium from Hugging Face, as the book", hf_model="gpt2-medium")
@@ -73,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, checkpoint = parse_with_resume(parser, argv)
+    args, checkpoint = run.parse_with_resume(parser, argv)
     if args.evaluate:
         try:
             score_file(args.evaluate, **_judge(args))
@@ -81,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
-    return run_command(parser, args, _fine_tune, user_errors=(InstructionDataError, JudgeError), resume=checkpoint)
+    return run.run_command(parser, args, _fine_tune, user_errors=(InstructionDataError, JudgeError), resume=checkpoint)
 
 
 def _judge(args: argparse.Namespace) -> dict:
@@ -89,10 +78,10 @@ def _judge(args: argparse.Namespace) -> dict:
                 judge_timeout=args.judge_timeout, progress=not args.no_progress)
 
 
-def _fine_tune(ctx: RunContext) -> int:
+def _fine_tune(ctx: run.RunContext) -> int:
     """Fine-tune, then answer and score the test entries (rank 0 alone after training)."""
     args = ctx.args
-    model, source = start_model(ctx, RECIPE)
+    model, source = run.start_model(ctx, RECIPE)
     max_length = args.max_length or model.config.context_length
     if max_length > model.config.context_length:
         ctx.error(f"--max-length {max_length} exceeds the model's context length {model.config.context_length}")
@@ -104,24 +93,24 @@ def _fine_tune(ctx: RunContext) -> int:
         ctx.print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
     if args.lora_rank:
         ctx.print(apply_gpt_lora(model, args.lora_rank, args.lora_alpha))
-    optimizer = make_optimizer(model, args)
-    state = resumed_state(ctx, model, optimizer)
+    optimizer = run.make_optimizer(model, args)
+    state = run.resumed_state(ctx, model, optimizer)
     trainable = sum(p.size for p in model.parameters() if p.requires_grad)
     ctx.print(f"model: {source}, {count_parameters(model):,} parameters ({trainable:,} trainable)")
     ctx.check_same_config()
 
     start = time.perf_counter()
-    config = make_train_config(args, None if args.no_sample else format_input(data.val_data[0]))
-    state = fit(ctx, model, optimizer, data.train_loader, data.val_loader, config, loss_fn=calc_loss_batch,
-                save=lambda st: save_run(ctx, model, st, optimizer=optimizer), state=state, tokenizer=tokenizer,
+    config = run.make_train_config(args, None if args.no_sample else format_input(data.val_data[0]))
+    state = run.fit(ctx, model, optimizer, data.train_loader, data.val_loader, config, loss_fn=calc_loss_batch,
+                save=lambda st: run.save_run(ctx, model, st, optimizer=optimizer), state=state, tokenizer=tokenizer,
                 resume_command="python -m model.instruct")
     if state is None:
         return 130
     train_seconds = time.perf_counter() - start
     if not ctx.is_main:  # rank 0 alone saves, answers the test entries and scores them
         return 0
-    ckpt = save_run(ctx, model, state, optimizer=optimizer)
-    plot = write_history(ctx, state.history)
+    ckpt = run.save_run(ctx, model, state, optimizer=optimizer)
+    plot = run.write_history(ctx, state.history)
     history = state.history
     if history["train_loss"]:
         print(f"trained {state.step} steps in {train_seconds:.1f} s: train loss {history['train_loss'][-1]:.3f}, "

@@ -27,20 +27,9 @@ from model.data.windows import create_dataloaders
 from model.gpt import count_parameters
 from model.lora import apply_gpt_lora
 from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.training import run
 from model.training.cli import Recipe, add_training_command_arguments, command_parser
 from model.training.loop import TrainState, calc_loss_batch, perplexity
-from model.training.run import (
-    RunContext,
-    fit,
-    make_optimizer,
-    make_train_config,
-    parse_with_resume,
-    resumed_state,
-    run_command,
-    save_run,
-    start_model,
-    write_history,
-)
 
 RECIPE = Recipe(out_dir="runs/pretrain", epochs=10, batch_size=2, lr=4e-4, eval_interval=5, drop_rate=0.1,
                 start="random initialisation of gpt2-small at context length 256, as the book",
@@ -64,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, checkpoint = parse_with_resume(parser, argv)
-    return run_command(parser, args, _run, resume=checkpoint)
+    args, checkpoint = run.parse_with_resume(parser, argv)
+    return run.run_command(parser, args, _run, resume=checkpoint)
 
 
 def _read_text(data_file_arg: str, data_dir: str | None) -> tuple[str, Path]:
@@ -75,15 +64,15 @@ def _read_text(data_file_arg: str, data_dir: str | None) -> tuple[str, Path]:
     return path.read_text(encoding="utf-8"), path
 
 
-def _run(ctx: RunContext) -> int:
+def _run(ctx: run.RunContext) -> int:
     args = ctx.args
     tokenizer = gpt2_tokenizer(args.data_dir)
     text, text_path = _read_text(args.data_file, args.data_dir)
-    model, source = start_model(ctx, RECIPE, qkv_bias=False, init=args.init)
+    model, source = run.start_model(ctx, RECIPE, qkv_bias=False, init=args.init)
     if args.lora_rank:
         ctx.print(apply_gpt_lora(model, args.lora_rank, args.lora_alpha))
-    optimizer = make_optimizer(model, args)
-    state = resumed_state(ctx, model, optimizer)
+    optimizer = run.make_optimizer(model, args)
+    state = run.resumed_state(ctx, model, optimizer)
     config = model.config
     train_loader, val_loader = create_dataloaders(text, tokenizer, config.context_length, config.context_length,
                                                   args.batch_size * ctx.world_size, train_fraction=0.9, seed=args.seed)
@@ -95,11 +84,11 @@ def _run(ctx: RunContext) -> int:
               f"({args.precision})")
 
     def save(st: TrainState) -> Path:
-        return save_run(ctx, model, st, optimizer=optimizer)
+        return run.save_run(ctx, model, st, optimizer=optimizer)
 
     start = time.perf_counter()
-    state = fit(ctx, model, optimizer, train_loader, val_loader,
-                make_train_config(args, None if args.no_sample else args.sample_prompt), loss_fn=calc_loss_batch,
+    state = run.fit(ctx, model, optimizer, train_loader, val_loader,
+                run.make_train_config(args, None if args.no_sample else args.sample_prompt), loss_fn=calc_loss_batch,
                 save=save, state=state, tokenizer=tokenizer, resume_command="python -m model.train")
     if state is None:
         return 130
@@ -109,7 +98,7 @@ def _run(ctx: RunContext) -> int:
         # exited, and a barrier would put a multi-GB save under --ddp-timeout.
         return 0
     path = save(state)
-    plot = write_history(ctx, state.history)
+    plot = run.write_history(ctx, state.history)
     history = state.history
     if history["train_loss"]:
         tl, vl = history["train_loss"][-1], history["val_loss"][-1]

@@ -1,18 +1,17 @@
-"""Scoring model responses to instructions: ``python -m model.score_responses FILE``.
+"""Scoring responses to instructions against their reference outputs.
 
-FILE is a JSON list of entries with ``instruction``, ``input``, ``output`` (the reference)
-and ``model_response`` (what `python -m model.instruct` writes). Three overlap metrics run
-anywhere, on normalised text (lowercase, punctuation removed, whitespace collapsed):
+Three overlap metrics run anywhere, on normalised text (lowercase, punctuation removed,
+whitespace collapsed):
 
 * exact match: 1 when the normalised strings are equal;
 * token F1: SQuAD-style bag-of-words F1 (articles are kept, unlike SQuAD's normaliser);
 * ROUGE-L: F-measure of the longest common token subsequence (precision LCS/|response|,
   recall LCS/|reference|).
 
-With ``--judge``, an LLM scores each response 0-100 with the book's prompt (chapter 7.8),
-through a local Ollama server's REST API (``POST /api/chat``, streamed JSON lines). The
-server is probed first; when none answers the judge is skipped with a message saying how
-to start one. Replies that hold no usable score are counted and listed, not dropped.
+The LLM judge scores each response 0-100 with the book's prompt (chapter 7.8), through a
+local Ollama server's REST API (``POST /api/chat``, streamed JSON lines). The server is
+probed first; when none answers the judge is skipped with a message saying how to start
+one. Replies that hold no usable score are counted and listed, not dropped.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
-"""Pretraining a GPT on a text file: ``python -m model.train`` (the book's chapter 5).
+"""The training loop every command shares: the book's train_model_simple, resumable and data-parallel.
 
-With no arguments it reproduces the book's run: GPT-2 small with a 256-token context on
-the-verdict.txt (90/10 split, stride = context), AdamW(lr 4e-4, weight decay 0.1),
-batch 2, 10 epochs, train/val loss every 5 steps over the first 5 batches of each
-loader, and a greedy continuation of "Every effort moves you" after each epoch. It
-writes the loss curve (``loss.png``), the history (``history.json``) and a checkpoint
-(``checkpoint.safetensors`` + ``checkpoint.json``) to ``--out-dir``.
-
-Ctrl-C saves a checkpoint that ``--resume`` continues with exactly the losses an
-uninterrupted run would have had. The loop itself is `train`, reused by the
-fine-tuning commands; `calc_loss_batch`, `calc_loss_loader` and `evaluate` are the
-book's evaluation helpers.
-
-Launched by torchrun (``torchrun --nproc_per_node=N -m model.train ...``) it trains
-data-parallel (model.distributed): ``--batch-size`` is then per process, so the run equals
-a one-process run with batch N x batch size; only rank 0 prints and writes.
+`train` runs epochs of optimizer steps with warmup/cosine learning rates and gradient
+clipping (`TrainConfig`), evaluates every `eval_interval` steps, samples after each epoch,
+and keeps its position in a `TrainState` (step, epoch, batch, RNG state, history) so a
+checkpoint of that state resumes with exactly the losses of an uninterrupted run. Ctrl-C
+during forward/backward stops at once; during the update it is deferred to the step's end
+(`TrainingInterrupted` carries the last step boundary). `calc_loss_batch`,
+`calc_loss_loader` and `evaluate` are the book's evaluation helpers.
 """
 
 from __future__ import annotations
