@@ -1,7 +1,7 @@
 """Data-parallel training throughput, 1 process against N: ``python -m bench.train_ddp``.
 
 Each configuration runs our training step (forward, backward, gradient all-reduce through
-model.distributed, AdamW) on our numpy backend (triton with a GPU), with a fixed per-process
+model.training.distributed, AdamW) on our numpy backend (triton with a GPU), with a fixed per-process
 batch (weak scaling: N processes see N times the tokens per step). The launcher starts the
 processes itself on 127.0.0.1 with the variables torchrun sets, so the workers are what
 ``torchrun --nproc_per_node=N -m model.train`` would run. The table gives ms/step, tokens/s,

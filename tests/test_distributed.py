@@ -1,6 +1,6 @@
 """Data-parallel training (model/distributed.py) on CPU: gloo, 2 processes on 127.0.0.1.
 
-Every run is `tests/helpers/ddp_run.py` (a tiny float64 GPT trained through model.train.train),
+Every run is `tests/helpers/ddp_run.py` (a tiny float64 GPT trained through model.training.loop.train),
 launched as subprocesses with a bounded wall-clock: by torchrun for the equality check, as
 two plain processes with the torchrun variables set for the failure checks (so the error
 comes from our collectives, not from torchrun killing the survivors). Also a few in-process

@@ -50,7 +50,7 @@ def calc_loss_loader(data_loader: Any, model: Any, num_batches: int | None = Non
     total = 0.0
     with engine.no_grad():
         # NOTE: islice never asks for batch n+1, so the pass is not run to its end and a
-        # loader that counts finished passes as epochs (model.data.DataLoader) keeps its epoch.
+        # loader that counts finished passes as epochs (model.data.windows.DataLoader) keeps its epoch.
         for input_batch, target_batch in itertools.islice(iter(data_loader), n):
             total += float(loss_fn(input_batch, target_batch, model).item())
     return total / n
@@ -209,7 +209,7 @@ def train(
 ) -> dict[str, list]:
     """The book's train_model_simple, resumable. Returns the history (`new_history`).
 
-    `train_loader` must offer ``len()`` and ``set_epoch(epoch, batch)`` (model.data.DataLoader);
+    `train_loader` must offer ``len()`` and ``set_epoch(epoch, batch)`` (model.data.windows.DataLoader);
     its batches are ``(inputs, targets)`` for ``loss_fn(inputs, targets, model) -> scalar Tensor``.
     `state` (updated in place at every step boundary) continues an earlier run: the engine
     generator is set to its `rng_state` and training goes on at its epoch and batch.
@@ -218,7 +218,7 @@ def train(
     `TrainingInterrupted` is raised. `on_step(state, loss)` runs after every step; `log` prints
     the evaluations and samples (default: above the progress bar).
 
-    With `distributed` (model.distributed) the run is data-parallel: the loaders yield global
+    With `distributed` (model.training.distributed) the run is data-parallel: the loaders yield global
     batches, each rank computes the loss on its shard, gradients are averaged before clipping,
     step and evaluation losses are averaged over the ranks (so the history is that of the
     one-process run with the global batch), and only rank 0 logs, shows the bar and calls

@@ -1,4 +1,4 @@
-"""A tiny float64 training run through model.train.train, for tests/test_distributed.py.
+"""A tiny float64 training run through model.training.loop.train, for tests/test_distributed.py.
 
 ``python -m tests.helpers.ddp_run OUT_DIR`` trains alone; under torchrun (or with RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) each process takes its shard of every global batch.
