@@ -34,6 +34,7 @@ from model.tasks.classification import (
     freeze_for_finetuning,
     load_classifier,
     plot_classifier_history,
+    record_accuracy,
 )
 from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training import run
@@ -127,13 +128,8 @@ def _train(ctx: run.RunContext) -> int:
     def after_step(state: TrainState, loss: float) -> None:
         if state.batch != 0:  # only right after an epoch ends
             return
-        train_acc = calc_accuracy_loader(data.train_loader, model, args.eval_iters)
-        val_acc = calc_accuracy_loader(data.val_loader, model, args.eval_iters)
-        accuracy = state.history.setdefault("accuracy", {"epoch": [], "examples_seen": [], "train_acc": [],
-                                                         "val_acc": []})
-        for key, value in zip(accuracy, (state.epoch, state.step * args.batch_size * ctx.world_size, train_acc,
-                                         val_acc)):
-            accuracy[key].append(value)
+        train_acc, val_acc = record_accuracy(model, data.train_loader, data.val_loader, args.eval_iters, state.history,
+                                             state.epoch, state.step * args.batch_size * ctx.world_size)
         ctx.log(f"epoch {state.epoch}: training accuracy {train_acc:.2%} | validation accuracy {val_acc:.2%}")
 
     optimizer = run.make_optimizer(model, args)
@@ -144,8 +140,8 @@ def _train(ctx: run.RunContext) -> int:
 
     train_start = time.perf_counter()
     state = run.fit(ctx, model, optimizer, data.train_loader, data.val_loader, run.make_train_config(args),
-                loss_fn=calc_loss_batch, save=save, state=state, on_step=after_step,
-                resume_command="python -m model.classify")
+                    loss_fn=calc_loss_batch, save=save, state=state, on_step=after_step,
+                    resume_command="python -m model.classify")
     if state is None:
         return 130
     train_time = time.perf_counter() - train_start

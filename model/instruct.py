@@ -102,8 +102,8 @@ def _fine_tune(ctx: run.RunContext) -> int:
     start = time.perf_counter()
     config = run.make_train_config(args, None if args.no_sample else format_input(data.val_data[0]))
     state = run.fit(ctx, model, optimizer, data.train_loader, data.val_loader, config, loss_fn=calc_loss_batch,
-                save=lambda st: run.save_run(ctx, model, st, optimizer=optimizer), state=state, tokenizer=tokenizer,
-                resume_command="python -m model.instruct")
+                    save=lambda st: run.save_run(ctx, model, st, optimizer=optimizer), state=state,
+                    tokenizer=tokenizer, resume_command="python -m model.instruct")
     if state is None:
         return 130
     train_seconds = time.perf_counter() - start

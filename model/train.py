@@ -87,9 +87,9 @@ def _run(ctx: run.RunContext) -> int:
         return run.save_run(ctx, model, st, optimizer=optimizer)
 
     start = time.perf_counter()
-    state = run.fit(ctx, model, optimizer, train_loader, val_loader,
-                run.make_train_config(args, None if args.no_sample else args.sample_prompt), loss_fn=calc_loss_batch,
-                save=save, state=state, tokenizer=tokenizer, resume_command="python -m model.train")
+    loop_config = run.make_train_config(args, None if args.no_sample else args.sample_prompt)
+    state = run.fit(ctx, model, optimizer, train_loader, val_loader, loop_config, loss_fn=calc_loss_batch, save=save,
+                    state=state, tokenizer=tokenizer, resume_command="python -m model.train")
     if state is None:
         return 130
     elapsed = time.perf_counter() - start

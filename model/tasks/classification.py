@@ -76,6 +76,19 @@ def calc_accuracy_loader(data_loader: Any, model: GPTClassifier, num_batches: in
     return correct / seen if seen else float("nan")
 
 
+def record_accuracy(model: GPTClassifier, train_loader: Any, val_loader: Any, num_batches: int,
+                    history: dict[str, Any], epoch: int, examples_seen: int) -> tuple[float, float]:
+    """Train and val accuracy over `num_batches` batches each, appended to ``history["accuracy"]``
+    (per epoch: ``epoch``, ``examples_seen``, ``train_acc``, ``val_acc``, as the book plots them)."""
+    train_acc = calc_accuracy_loader(train_loader, model, num_batches)
+    val_acc = calc_accuracy_loader(val_loader, model, num_batches)
+    accuracy = history.setdefault("accuracy", {"epoch": [], "examples_seen": [], "train_acc": [], "val_acc": []})
+    for key, value in zip(("epoch", "examples_seen", "train_acc", "val_acc"), (epoch, examples_seen, train_acc,
+                                                                                val_acc)):
+        accuracy[key].append(value)
+    return train_acc, val_acc
+
+
 def classify_text(model: GPTClassifier, tokenizer: Any, text: str, max_length: int,
                   pad_token_id: int = PAD_TOKEN_ID, class_names: tuple[str, ...] = CLASS_NAMES) -> tuple[str, float]:
     """(class name, its probability) for one message, e.g. ``("spam", 0.98)``.

@@ -1,16 +1,20 @@
 """The run layer every training command shares: setup, the run context, one loop call, one save path.
 
     parser = command_parser("classify", ...); add_training_command_arguments(parser, RECIPE)
-    return run_command(parser, parser.parse_args(argv), body)      # body(ctx: RunContext) -> exit code
+    args, resume = parse_with_resume(parser, argv)
+    return run_command(parser, args, body, resume=resume)      # body(ctx: RunContext) -> exit code
 
-`run_command` checks the flags (`check_args`), sets the backend, checks --precision, runs
-`body` once per process (data-parallel under torchrun) with the engine seeded, and turns a
-user mistake (missing file, bad checkpoint, ...) into one ``error:`` line and exit 2. Inside,
-`start_model` loads the start model of the shared flags, `make_optimizer` / `make_train_config`
-build AdamW and the loop's config, `fit` runs `model.training.loop.train` (on Ctrl-C it saves
-through `save_run`, writes the history and returns None: exit 130), `save_run` is the one
-path to disk (LoRA adapters, merge, checkpoint with the run's state and flags) and
-`write_history` writes history.json atomically with its loss plot.
+`parse_with_resume` makes a --resume checkpoint's saved flags the defaults. `run_command`
+checks the flags (`check_args`), sets the backend, checks --precision, runs `body` once per
+process (data-parallel under torchrun) with the engine seeded, and turns a user mistake
+(missing file, bad checkpoint, ...) into one ``error:`` line and exit 2. Inside the body,
+`start_model` loads the start model of the shared flags (the checkpoint's config when
+resuming), `make_optimizer` / `make_train_config` build AdamW and the loop's config,
+`resumed_state` loads a resumed run's weights, optimizer and loop state, `fit` runs
+`model.training.loop.train` (on Ctrl-C it saves through the command's save function, writes
+the history and returns None: exit 130), `save_run` is the one path to disk (LoRA adapters,
+merge, checkpoint with the run's state and flags) and `write_history` writes history.json
+atomically with its loss plot.
 """
 
 from __future__ import annotations
