@@ -184,3 +184,15 @@ def test_lora_run_saves_adapters_and_a_merged_checkpoint(tmp_path):
     model, info = load_classifier(tmp_path / "checkpoint")  # merged: plain Linear names
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert info["trained"] == "LoRA rank 2, alpha 2"
+
+
+def test_resume_continues_a_run_exactly(tmp_path):
+    """--resume is shared: a classify run stopped at step 3 and resumed ends with the losses of one run."""
+    common = ["--preset", "tiny", "--train-all", "--lr", "1e-3", "--max-length", "8", "--batch-size", "64",
+              "--eval-interval", "2", "--eval-iters", "1", "--no-progress"]
+    assert main([*common, "--max-steps", "6", "--out-dir", str(tmp_path / "full")]) == 0
+    assert main([*common, "--max-steps", "3", "--out-dir", str(tmp_path / "part")]) == 0
+    assert main(["--resume", str(tmp_path / "part" / "checkpoint"), "--max-steps", "6"]) == 0
+    full, resumed = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("full", "part"))
+    np.testing.assert_allclose(resumed["step_loss"], full["step_loss"], rtol=0, atol=1e-6)
+    assert resumed["step"] == full["step"] and resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-6)
