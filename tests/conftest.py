@@ -52,11 +52,6 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-def kernel_device() -> str:
-    """Where Triton kernels run in tests: the GPU when there is one, else the CPU interpreter."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.fixture(autouse=True)
 def numpy_backend_by_default():
     """Every test starts on the numpy backend; backend tests switch explicitly and are restored."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kernels import attention_ref as ref
 from kernels.attention import attention_backward, attention_dropout_mask, attention_forward
-from tests.conftest import kernel_device
+from tests.helpers.kernel_check import kernel_device
 
 DEVICE = kernel_device()
 ON_GPU = DEVICE == "cuda"

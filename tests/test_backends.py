@@ -11,8 +11,8 @@ import pytest
 
 import engine
 from engine import functional as F
-from tests.op_check import assert_close
-from tests.test_nn_optim import OurBlock
+from tests.helpers.models import OurBlock
+from tests.helpers.op_check import assert_close
 
 
 def run_on(backend: str, fn: Callable, arrays: list[np.ndarray], upstream_seed: int = 1):
@@ -208,8 +208,8 @@ def test_small_gpt_under_bf16_autocast_trains_like_torch_bf16_autocast():
 def test_small_gpt_same_logits_gradients_and_first_losses_on_both_backends():
     from engine import optim
     from model.config import get_config
-    from model.generate import generate
     from model.gpt import GPTModel
+    from model.sampling import generate
 
     config = get_config("tiny", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
     engine.set_backend("numpy")

@@ -11,8 +11,10 @@ import safetensors.numpy
 import engine
 from engine import functional as F
 from engine import optim
-from model import checkpoint as ckpt_module
-from model.checkpoint import (
+from model.config import GPTConfig, parameter_shapes
+from model.gpt import GPTModel
+from model.weights import checkpoint as ckpt_module
+from model.weights.checkpoint import (
     FORMAT,
     META_KEY,
     CheckpointError,
@@ -23,8 +25,6 @@ from model.checkpoint import (
     load_model_from_checkpoint,
     save_checkpoint,
 )
-from model.config import GPTConfig, parameter_shapes
-from model.gpt import GPTModel
 
 CONFIG = GPTConfig(vocab_size=53, context_length=12, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 IDS = np.random.default_rng(0).integers(0, 53, size=(2, 12))

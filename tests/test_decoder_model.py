@@ -15,9 +15,9 @@ from model.decoder import PRESETS, chat_reply, estimate_memory, get_decoder_conf
 from model.decoder.config import count_parameters
 from model.decoder.hf import HFFolderError, config_from_hf, config_to_hf, export_hf_folder, load_hf_model
 from model.decoder.safetensors_io import bf16_to_float32, float32_to_bf16, read_header, read_tensor
-from model.generate import generate
 from model.lora import apply_lora, merge_lora
-from tests.op_check import assert_close
+from model.sampling import generate
+from tests.helpers.op_check import assert_close
 
 KINDS = ("llama", "qwen3")
 IDS = np.random.default_rng(1).integers(0, 320, size=(2, 37))  # prime; > the 32-position blended wavelength

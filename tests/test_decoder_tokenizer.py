@@ -50,8 +50,8 @@ def test_encode_and_decode_match_the_tokenizers_library(folders, kind):
 def test_gpt2_files_as_a_tokenizer_json_encode_like_the_gpt2_tokenizer(tmp_path):
     """A 50k vocabulary with a lone ByteLevel pre-tokenizer (GPT-2's regex), on a whole short story."""
     tokenizers = pytest.importorskip("tokenizers", reason="writes the tokenizer.json")
-    from model.datadir import data_file
-    from model.gpt2_tokenizer import gpt2_tokenizer
+    from model.data.datadir import data_file
+    from model.tokenizers.gpt2 import gpt2_tokenizer
 
     ref = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(data_file("gpt2/encoder.json")),
                                                                 str(data_file("gpt2/vocab.bpe"))))

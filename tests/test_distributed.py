@@ -1,6 +1,6 @@
 """Data-parallel training (model/distributed.py) on CPU: gloo, 2 processes on 127.0.0.1.
 
-Every run is `tests/ddp_run.py` (a tiny float64 GPT trained through model.train.train),
+Every run is `tests/helpers/ddp_run.py` (a tiny float64 GPT trained through model.training.loop.train),
 launched as subprocesses with a bounded wall-clock: by torchrun for the equality check, as
 two plain processes with the torchrun variables set for the failure checks (so the error
 comes from our collectives, not from torchrun killing the survivors). Also a few in-process
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.distributed import Distributed, DistributedError, torchrun_env
+from model.training.distributed import Distributed, DistributedError, torchrun_env
 
 REPO = Path(__file__).resolve().parents[1]
-HELPER = [sys.executable, "-m", "tests.ddp_run"]
+HELPER = [sys.executable, "-m", "tests.helpers.ddp_run"]
 
 
 def free_port() -> int:
@@ -68,7 +68,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     ddp.mkdir()
     subprocess.run([*HELPER, str(single), "--global-batch", "4"], cwd=REPO, check=True, timeout=60)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-              f"--master_port={free_port()}", "-m", "tests.ddp_run", str(ddp), "--global-batch", "4"]
+              f"--master_port={free_port()}", "-m", "tests.helpers.ddp_run", str(ddp), "--global-batch", "4"]
     subprocess.run(launch, cwd=REPO, check=True, timeout=90, capture_output=True)
     (h1, w1), (h2, w2) = load(single), load(ddp)
     assert len(h1["step_loss"]) == 5 and len(h1["val_loss"]) == 3

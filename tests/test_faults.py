@@ -14,10 +14,10 @@ import safetensors
 import safetensors.numpy
 
 import engine
-from model.checkpoint import NonFiniteWeightsError, load_model_from_checkpoint, save_checkpoint
 from model.config import GPTConfig
 from model.gpt import GPTModel
-from model.hf_gpt2 import export_hf, load_hf_gpt2
+from model.weights.checkpoint import NonFiniteWeightsError, load_model_from_checkpoint, save_checkpoint
+from model.weights.hf import export_hf, load_hf_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ import json, os, resource, signal, sys, time
 from pathlib import Path
 import numpy as np
 import engine
-from model.checkpoint import CheckpointError, load_checkpoint, load_model_from_checkpoint, save_checkpoint
+from model.weights.checkpoint import CheckpointError, load_checkpoint, load_model_from_checkpoint, save_checkpoint
 from model.config import GPTConfig
 from model.gpt import GPTModel
 
@@ -148,7 +148,7 @@ def test_full_disk_during_save_is_one_clear_error_and_keeps_the_old_checkpoint(t
 # into a quick MemoryError, so a loader that allocates before checking fails this test
 # instead of swapping the machine.
 HOSTILE_CONFIG = PRELUDE + """
-from model.hf_gpt2 import export_hf, load_hf_gpt2
+from model.weights.hf import export_hf, load_hf_gpt2
 import safetensors, safetensors.numpy
 
 save(base, 1)

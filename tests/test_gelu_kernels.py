@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from kernels import gelu as tri
 from kernels import gelu_ref as ref
-from tests.conftest import kernel_device
-from tests.op_check import assert_close
+from tests.helpers.kernel_check import kernel_device
+from tests.helpers.op_check import assert_close
 
 DEVICE = kernel_device()
 

@@ -13,10 +13,11 @@ import torch.nn.functional as TF
 
 import engine
 from bench.torch_gpt import from_state_dict
-from model.checkpoint import CheckpointError
 from model.config import GPTConfig, get_config
 from model.gpt import GPTModel
-from model.hf_gpt2 import (
+from model.lora import apply_lora, lora_layers, merge_lora
+from model.weights.checkpoint import CheckpointError
+from model.weights.hf import (
     HFDownloadError,
     config_from_hf,
     config_to_hf,
@@ -24,8 +25,7 @@ from model.hf_gpt2 import (
     export_hf,
     load_hf_gpt2,
 )
-from model.lora import apply_lora, lora_layers, merge_lora
-from tests.op_check import assert_close
+from tests.helpers.op_check import assert_close
 
 V, C, E, H, L = 71, 16, 32, 4, 2
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -8,9 +8,9 @@ import torch
 import engine
 from model.config import get_config
 from model.gpt import GPTModel
-from model.hf_gpt2 import export_hf, load_hf_gpt2
 from model.lora import apply_lora, merge_lora
-from tests.op_check import assert_close
+from model.weights.hf import export_hf, load_hf_gpt2
+from tests.helpers.op_check import assert_close
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[test])")
 

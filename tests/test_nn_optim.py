@@ -10,35 +10,10 @@ import torch.nn.functional as TF
 import engine
 from engine import functional as F
 from engine import nn, optim
-
-# --- a one-layer transformer in our engine and its torch twin ---
-V, T, D, H = 11, 6, 8, 2
+from tests.helpers.models import D, H, OurBlock, T, V
 
 
-class OurBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.tok = nn.Embedding(V, D)
-        self.pos = nn.Embedding(T, D)
-        self.ln1 = nn.LayerNorm(D)
-        self.qkv = nn.Linear(D, 3 * D)
-        self.proj = nn.Linear(D, D)
-        self.ln2 = nn.LayerNorm(D)
-        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
-        self.head = nn.Linear(D, V, bias=False)
-
-    def forward(self, ids):
-        B, t = ids.shape
-        x = self.tok(ids) + self.pos(np.arange(t))  # (B, T, D)
-        q, k, v = (
-            self.qkv(self.ln1(x)).reshape(B, t, 3, H, D // H).permute(2, 0, 3, 1, 4)[i] for i in range(3)
-        )  # each (B, H, T, hd)
-        a = F.causal_attention(q, k, v).permute(0, 2, 1, 3).reshape(B, t, D)
-        x = x + self.proj(a)
-        x = x + self.mlp(self.ln2(x))
-        return self.head(x)
-
-
+# --- the one-layer transformer's torch twin (ours: tests.helpers.models.OurBlock) ---
 def torch_forward(p, ids):
     B, t = ids.shape
     x = p["tok.weight"][ids] + p["pos.weight"][torch.arange(t)]
@@ -211,6 +186,17 @@ def test_module_registration_and_parameters():
     assert all(sub.training for sub in m.modules())
     m.requires_grad_(False)
     assert m.num_parameters(trainable_only=True) == 0
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_evaluating_restores_the_mode_also_after_an_error(mode):
+    m = OurBlock().train(mode)
+    with m.evaluating() as same:
+        assert same is m and not any(sub.training for sub in m.modules())
+    assert all(sub.training == mode for sub in m.modules())
+    with pytest.raises(RuntimeError), m.evaluating():
+        raise RuntimeError("inside")
+    assert all(sub.training == mode for sub in m.modules())
 
 
 def test_tied_weights_are_one_parameter_but_two_state_dict_keys():

@@ -21,7 +21,7 @@ from model.decoder.config import PRESETS, DecoderConfig, estimate_memory, get_de
 from model.decoder.hf import HFFolderError, export_hf_folder, load_hf_model, read_hf_config
 from model.decoder.model import DecoderModel
 from model.decoder.tokenizer import HFTokenizer, TokenizerFileError
-from model.generate import generate
+from model.sampling import generate
 
 __all__ = ["PRESETS", "ChatTemplate", "DecoderConfig", "DecoderModel", "HFFolderError", "HFTokenizer",
            "TokenizerFileError", "chat_reply", "chat_template_for", "estimate_memory", "export_hf_folder",

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 import engine
+from model.data.files import write_json_atomic
 from model.decoder.config import DecoderConfig, RopeScaling, estimate_memory, parameter_shapes
 from model.decoder.model import DecoderModel
 from model.decoder.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor, write_safetensors
-from model.files import write_json_atomic
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model.files import atomic_write
+from model.data.files import atomic_write
 
 _NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _HEADER_LIMIT = 100 * 1024 * 1024

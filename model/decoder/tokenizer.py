@@ -30,7 +30,7 @@ from typing import Any
 
 import tiktoken
 
-from model.bpe import GPT2_PATTERN, gpt2_bytes_to_unicode
+from model.tokenizers.bpe import GPT2_PATTERN, gpt2_bytes_to_unicode
 
 
 class TokenizerFileError(ValueError):

@@ -35,8 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from model.data import DataLoader
-from model.datadir import data_file
+from model.data.datadir import data_file
+from model.data.windows import DataLoader
 
 SPAM_FILE = "sms_spam_collection/SMSSpamCollection.tsv"
 LABELS = ("ham", "spam")  # index = class id

@@ -29,11 +29,11 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from model.checkpoint import CheckpointError, check_finite, shape_misfits
 from model.config import GPTConfig
-from model.datadir import user_cache_dir
-from model.files import atomic_write, download, write_json_atomic
+from model.data.datadir import user_cache_dir
+from model.data.files import atomic_write, download, write_json_atomic
 from model.gpt import GPTModel, model_from_state_dict
+from model.weights.checkpoint import CheckpointError, check_finite, shape_misfits
 
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_FILES = ("config.json", "model.safetensors")

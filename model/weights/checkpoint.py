@@ -35,7 +35,7 @@ import safetensors.numpy
 
 from engine import nn, optim
 from model.config import GPTConfig, parameter_shapes
-from model.files import atomic_write
+from model.data.files import atomic_write
 from model.gpt import GPTModel, model_from_state_dict
 
 FORMAT = "scratchgpt-checkpoint"
