@@ -35,7 +35,6 @@ from typing import Any
 from tqdm import tqdm
 
 import engine
-from engine import functional as F
 from engine import optim
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import INIT_SCHEMES, PRESETS, get_config
@@ -53,8 +52,7 @@ LossFn = Callable[[Any, Any, Any], "engine.Tensor"]
 # --- the book's evaluation helpers ---
 def calc_loss_batch(input_batch: Any, target_batch: Any, model: Any) -> engine.Tensor:
     """Mean next-token cross-entropy of one batch: ids (B, T) against targets (B, T)."""
-    logits = model(engine.tensor(input_batch))  # (B, T, V)
-    return F.cross_entropy(logits, engine.tensor(target_batch))
+    return model(engine.tensor(input_batch), targets=engine.tensor(target_batch))  # fused LM head + loss
 
 
 def calc_loss_loader(data_loader: Any, model: Any, num_batches: int | None = None,
