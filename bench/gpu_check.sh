@@ -50,10 +50,11 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch
 print('triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.log" || true
 
-run_step pytest_kernels 220 "$PYTHON" -m pytest tests -x -q -k "kernel or attention or layernorm or gelu or backend"
+run_step pytest_kernels 220 "$PYTHON" -m pytest tests -x -q -k "kernel or attention or layernorm or gelu or backend or cross_entropy"
 run_step bench_attention 90 "$PYTHON" -m bench.attention --quick
 run_step bench_layernorm 45 "$PYTHON" -m bench.layernorm --quick
 run_step bench_gelu 45 "$PYTHON" -m bench.gelu --quick
+run_step bench_cross_entropy 60 "$PYTHON" -m bench.cross_entropy --tokens 512,8192 --repeats 5
 if [[ -f bench/train.py ]]; then
     run_step bench_train 60 "$PYTHON" -m bench.train --quick
 fi

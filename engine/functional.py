@@ -1,10 +1,10 @@
 """Fused and composite neural-network ops.
 
 Each fused op (``gelu``, ``bias_gelu``, ``layer_norm``, ``attention``,
-``cross_entropy``) is one Function whose forward/backward call the active backend's
-kernel pair: the NumPy references on the numpy backend, the Triton kernels on the
-triton backend. ``linear`` and ``embedding`` are single Functions too, because their
-gradients are one matmul / one scatter-add each.
+``cross_entropy``, ``linear_cross_entropy``) is one Function whose forward/backward call
+the active backend's kernel pair (``get_backend().kernels``): the NumPy references on the
+numpy backend, the Triton kernels on the triton backend. ``linear`` and ``embedding`` are
+single Functions too, because their gradients are one matmul / one scatter-add each.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.amp import autocast_dtype
 from engine.backends import get_backend
-from engine.tensor import Function, Tensor, as_tensor
+from engine.tensor import Function, Tensor, as_tensor, is_grad_enabled
 
 
 class _Linear(Function):
@@ -98,11 +98,11 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
 class _Gelu(Function):
     def forward(self, x):
         self.save_for_backward(x)
-        return get_backend().gelu_forward(x)
+        return get_backend().kernels.gelu_forward(x)
 
     def backward(self, g):
         (x,) = self.saved
-        return (get_backend().gelu_backward(g, x),)
+        return (get_backend().kernels.gelu_backward(g, x),)
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -117,11 +117,11 @@ class _BiasGelu(Function):
                 f"bias_gelu: bias shape {tuple(bias.shape)} must be ({x.shape[-1]},) for input {tuple(x.shape)}"
             )
         self.save_for_backward(x, bias)
-        return get_backend().bias_gelu_forward(x, bias)
+        return get_backend().kernels.bias_gelu_forward(x, bias)
 
     def backward(self, g):
         x, bias = self.saved
-        return get_backend().bias_gelu_backward(g, x, bias)
+        return get_backend().kernels.bias_gelu_backward(g, x, bias)
 
 
 def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
@@ -137,13 +137,13 @@ class _LayerNorm(Function):
                 f"layer_norm: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must both be ({n},) "
                 f"for input {tuple(x.shape)}"
             )
-        y, mean, rstd = get_backend().layer_norm_forward(x, weight, bias, eps)
+        y, mean, rstd = get_backend().kernels.layer_norm_forward(x, weight, bias, eps)
         self.save_for_backward(x, weight, mean, rstd)
         return y
 
     def backward(self, g):
         x, weight, mean, rstd = self.saved
-        return get_backend().layer_norm_backward(g, x, weight, mean, rstd)
+        return get_backend().kernels.layer_norm_backward(g, x, weight, mean, rstd)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
@@ -159,13 +159,13 @@ class _Attention(Function):
                 f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
             )
         self.args = (scale, causal, dropout_p, seed)
-        o, lse = get_backend().attention_forward(q, k, v, *self.args)
+        o, lse = get_backend().kernels.attention_forward(q, k, v, *self.args)
         self.save_for_backward(q, k, v, o, lse)
         return o
 
     def backward(self, g):
         q, k, v, o, lse = self.saved
-        return get_backend().attention_backward(g, q, k, v, o, lse, *self.args)
+        return get_backend().kernels.attention_backward(g, q, k, v, o, lse, *self.args)
 
 
 def attention(
@@ -188,31 +188,144 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sc
     return attention(q, k, v, causal=True, dropout_p=dropout_p, scale=scale)
 
 
+def _count_valid(targets: Any, ignore_index: int) -> int:
+    """How many targets the mean divides by; at least 1, so all-ignored gives a 0 loss, not NaN."""
+    return max(int((targets != ignore_index).sum()), 1)
+
+
+def _check_targets(op: str, targets: Tensor, inputs: Tensor) -> None:
+    if get_backend().is_float(targets.data):
+        raise TypeError(f"{op}: targets must be integers, got dtype {targets.dtype}")
+    if inputs.shape[:-1] != targets.shape:
+        raise ValueError(f"{op}: {inputs.shape} needs targets of shape {inputs.shape[:-1]}, got {targets.shape}")
+
+
 class _CrossEntropy(Function):
     def forward(self, logits, targets, ignore_index: int):
-        self.ignore_index = ignore_index
-        self.save_for_backward(logits, targets)
-        return get_backend().cross_entropy_forward(logits, targets, ignore_index)
+        nll, row_max, log_sum = get_backend().kernels.cross_entropy_forward(logits, targets, ignore_index)  # (N,) each
+        self.ignore_index, self.n_valid = ignore_index, _count_valid(targets, ignore_index)
+        self.save_for_backward(logits, targets, row_max, log_sum)
+        # NOTE: the loss has nll's dtype (fp32 for 16-bit logits on the triton backend).
+        return get_backend().sum(nll) / self.n_valid
 
     def backward(self, g):
-        logits, targets = self.saved
-        return get_backend().cross_entropy_backward(g, logits, targets, self.ignore_index), None
+        logits, targets, row_max, log_sum = self.saved
+        backend = get_backend()
+        dnll = backend.broadcast_to(g / self.n_valid, targets.shape)  # (N,) ignored rows are zeroed by the kernel
+        return backend.kernels.cross_entropy_backward(dnll, logits, targets, row_max, log_sum, self.ignore_index), None
 
 
 def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy of ``logits`` (..., C) against integer ``targets`` (...).
 
-    Positions whose target is ``ignore_index`` count neither in the loss nor the mean.
-    Stable for large logits (log-sum-exp with the max subtracted); no one-hot matrix."""
+    Positions whose target is ``ignore_index`` count neither in the loss nor the mean; when
+    every position is ignored the loss is 0 (with zero gradients). Stable for large logits
+    (log-sum-exp with the max subtracted); no one-hot matrix."""
     targets = as_tensor(targets)
-    if get_backend().is_float(targets.data):
-        raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, got {targets.shape}"
-        )
+    _check_targets("cross_entropy", targets, logits)
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (N, C)
     return _CrossEntropy.apply(flat_logits, targets.reshape(-1), ignore_index=ignore_index)
+
+
+# linear_cross_entropy: logits per chunk (256 MB in fp32: 1335 rows of GPT-2's vocabulary).
+# NOTE: not smaller: dW += dlogitsᵀ x has only chunk-many terms per output element, so it is
+# bound by writing the (V, E) product; on the 2-core CPU, chunks of 166 rows made the head's
+# three matmuls 4.4x slower than one 2048-row product, 667 rows 1.7x (one run each, contended).
+CHUNK_ELEMENTS = 2**26
+
+
+def _accumulate(total: Any, part: Any, dtype: Any) -> Any:
+    """total + part in dtype, reusing total's buffer (part's, as total, on the first call)."""
+    if total is None:
+        return get_backend().astype(part, dtype)
+    total += part
+    return total
+
+
+class _LinearCrossEntropy(Function):
+    # NOTE: the gradients are computed in forward, chunk by chunk, while each chunk's logits
+    # exist (then overwritten in place by their gradient); backward only scales them by the
+    # upstream gradient. So the (N, V) logits never exist, in forward or in backward.
+    def forward(self, x, weight, targets, bias=None, ignore_index: int = -100, chunk_rows: int = 1):
+        backend = get_backend()
+        kernels = backend.kernels
+        n_valid = _count_valid(targets, ignore_index)
+        wants = self.needs_input_grad if is_grad_enabled() else (False,) * len(self.needs_input_grad)
+        want_dx, want_dw = wants[0], wants[1]
+        want_db = bias is not None and wants[3]
+        exact = (backend.dtype("float32"), backend.dtype("float64"))
+        acc_dtype = weight.dtype if weight.dtype in exact else backend.dtype("float32")  # 16-bit dW sums in fp32
+        dx = backend.zeros(x.shape, x.dtype) if want_dx else None  # (N, E)
+        dw = db = None  # (V, E), (V,): made from the first chunk's product, not zeros plus it
+        weight_t = backend.transpose(weight, (1, 0))  # (E, V)
+        total = 0.0
+        for start in range(0, x.shape[0], chunk_rows):
+            stop = start + chunk_rows
+            xc, tc = x[start:stop], targets[start:stop]  # (C, E), (C,)
+            logits = backend.matmul(xc, weight_t)  # (C, V)
+            if bias is not None:
+                logits += bias
+            nll, row_max, log_sum = kernels.cross_entropy_forward(logits, tc, ignore_index)  # (C,) each
+            total = total + backend.sum(nll)
+            if want_dx or want_dw or want_db:
+                dnll = backend.full(tc.shape, 1.0 / n_valid, nll.dtype)  # (C,) d mean / d nll
+                dlogits = kernels.cross_entropy_backward(dnll, logits, tc, row_max, log_sum, ignore_index, True)
+                if want_dx:
+                    dx[start:stop] = backend.matmul(dlogits, weight)  # (C, E)
+                if want_dw:
+                    dw = _accumulate(dw, backend.matmul(backend.transpose(dlogits, (1, 0)), xc), acc_dtype)
+                if want_db:
+                    db = _accumulate(db, backend.sum(dlogits, axis=0), acc_dtype)
+        if want_dw and dw is None:  # no rows at all
+            dw = backend.zeros(weight.shape, acc_dtype)
+        if want_db and db is None:
+            db = backend.zeros(weight.shape[:1], acc_dtype)
+        self.grads = (dx, dw, db)
+        self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / n_valid
+
+    def backward(self, g):
+        dx, dw, db = self.grads
+        backend = get_backend()
+        w_dtype, b_dtype = self.dtypes
+        dx = None if dx is None else dx * backend.astype(g, dx.dtype)
+        dw = None if dw is None else backend.astype(dw * backend.astype(g, dw.dtype), w_dtype)
+        db = None if db is None else backend.astype(db * backend.astype(g, db.dtype), b_dtype)
+        return (dx, dw, None) if len(self.parents) == 3 else (dx, dw, None, db)
+
+
+def linear_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    targets: Any,
+    ignore_index: int = -100,
+    bias: Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """``cross_entropy(linear(x, weight, bias), targets, ignore_index)`` without the logits.
+
+    x (..., E), weight (V, E), bias (V,), targets (...). Walks the N = prod(...) rows in
+    chunks of ``chunk_rows`` (default: as many as fit ``CHUNK_ELEMENTS`` logits): each
+    chunk's logits, loss and gradients are computed and the logits dropped, so the (N, V)
+    logits of the unfused path never exist; dx and dW accumulate over the chunks.
+    Casts like ``linear`` under ``engine.autocast``."""
+    targets = as_tensor(targets)
+    _check_targets("linear_cross_entropy", targets, x)
+    if x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ValueError(
+            f"linear_cross_entropy: x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
+            f"{None if bias is None else tuple(bias.shape)} do not fit: expected (..., E), (V, E) and (V,)"
+        )
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+    dtype = autocast_dtype()
+    if dtype is not None:
+        x, weight = x.astype(dtype), weight.astype(dtype)
+        bias = None if bias is None else bias.astype(dtype)
+    inputs = (x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1)) + (() if bias is None else (bias,))
+    return _LinearCrossEntropy.apply(*inputs, ignore_index=ignore_index, chunk_rows=chunk_rows)
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:

@@ -13,18 +13,19 @@ Conventions shared with the NumPy reference (``kernels/attention_ref.py``):
   Dropout drops softmax probabilities; kept ones are scaled by 1 / (1 - p).
 
 Every tensor is contiguous, so row r of one head's (rows, D) matrix starts at r * D
-from that head's base. Head dims are padded to BLOCK_D, the next power of two >= 16
+from that head's base. The launchers zero-pad head dims to a multiple of 8; the
+kernels pad them further to BLOCK_D, the next power of two >= 16
 (tl.arange needs a power of two, tl.dot a dimension >= 16), with a mask on D.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.compile_spec import CompileSpec
+from kernels.common import TL_TYPE, check_kernel_device
+from kernels.compile_spec import CompileSpec, kernel_signature
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
@@ -539,6 +540,15 @@ _MASK_BLOCKS = (64, 64)
 _MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, which carries batch·head
 
 
+def _pad_head_dim(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Zero-pad the head dim to a multiple of 8, the kernels' granularity (contiguous copies).
+
+    Zeros change no dot product, and padded value columns only produce output columns
+    that the launchers slice off."""
+    pad = -tensors[0].shape[-1] % 8
+    return [torch.nn.functional.pad(t, (0, pad)) if pad else t.contiguous() for t in tensors]
+
+
 def _padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -564,15 +574,6 @@ def _blocks(kernel: str, block_d: int, dtype: torch.dtype, dropout: bool) -> _Bl
 # ---------------------------------------------------------------------------------------
 
 
-def _check_device(x: torch.Tensor, what: str) -> None:
-    if x.device.type == "cuda":
-        return
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise ValueError(f"attention: {what} is on {x.device}; the Triton kernels need a CUDA tensor "
-                     f"(or a CPU tensor with TRITON_INTERPRET=1)")
-
-
 def _check_qkv(q, k, v, causal: bool, dropout_p: float, seed: int) -> tuple[int, int, int, int, int]:
     """Validate an attention problem; return (B, H, T, S, D)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -586,14 +587,14 @@ def _check_qkv(q, k, v, causal: bool, dropout_p: float, seed: int) -> tuple[int,
         raise ValueError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    _check_device(q, "q")
+    check_kernel_device("attention", q)
     B, H, T, D = q.shape
     S = k.shape[2]
     if tuple(k.shape) != (B, H, S, D) or v.shape != k.shape:
         raise ValueError(f"attention: expected k and v of shape (B, H, S, D) = ({B}, {H}, S, {D}) to match "
                          f"q {tuple(q.shape)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if D % 8 != 0 or not 8 <= D <= 128:
-        raise ValueError(f"attention: head dim must be a multiple of 8 between 8 and 128, got D={D}")
+    if not 1 <= D <= 128:
+        raise ValueError(f"attention: head dim must be between 1 and 128, got D={D}")
     if min(B, H, T, S) < 1:
         raise ValueError(f"attention: empty dimension in q {tuple(q.shape)} / k {tuple(k.shape)}")
     if B * H > _MAX_GRID_Y:
@@ -611,15 +612,18 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
     """Fused attention forward: o = dropout(softmax(scale · q kᵀ + mask)) v.
 
     q (B, H, T, D); k, v (B, H, S, D), float16/bfloat16/float32 on CUDA (or CPU under
-    TRITON_INTERPRET=1); D a multiple of 8 up to 128. scale defaults to 1/sqrt(D).
+    TRITON_INTERPRET=1); D up to 128 (zero-padded to a multiple of 8 inside). scale
+    defaults to 1/sqrt(D).
     causal masks bottom-right (query i sees key j iff j <= i + S - T; needs S >= T).
     Returns o (B, H, T, D) in q's dtype and lse (B, H, T) float32, the natural-log
     log-sum-exp of each row's scaled, masked scores, which attention_backward needs.
     """
     B, H, T, S, D = _check_qkv(q, k, v, causal, dropout_p, seed)
     scale = 1.0 / D**0.5 if scale is None else float(scale)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(q)  # (B, H, T, D)
+    q, k, v = _pad_head_dim(q, k, v)
+    head_dim = D
+    D = q.shape[-1]
+    o = torch.empty_like(q)  # (B, H, T, D padded)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     block_d = _padded_head_dim(D)
     cfg = _blocks("fwd", block_d, q.dtype, dropout_p > 0.0)
@@ -630,7 +634,7 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
         CAUSAL=bool(causal), DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return o, lse
+    return o[..., :head_dim], lse
 
 
 def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0.0, seed=0):
@@ -652,7 +656,9 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0
         raise ValueError(f"attention_backward: lse must be a tensor of shape {(B, H, T)} on {q.device}, got "
                          f"{tuple(getattr(lse, 'shape', ())) or type(lse).__name__}")
     scale = 1.0 / D**0.5 if scale is None else float(scale)
-    q, k, v, do, o = (x.contiguous() for x in (q, k, v, do, o))
+    q, k, v, do, o = _pad_head_dim(q, k, v, do, o)
+    head_dim = D
+    D = q.shape[-1]
     lse = lse.to(torch.float32).contiguous()
     block_d = _padded_head_dim(D)
     dropout = dropout_p > 0.0
@@ -680,7 +686,7 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0
         CAUSAL=bool(causal), DROPOUT=dropout, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dq, dk, dv
+    return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]
 
 
 def attention_dropout_mask(B, H, T, S, dropout_p, seed, device) -> torch.Tensor:
@@ -696,7 +702,7 @@ def attention_dropout_mask(B, H, T, S, dropout_p, seed, device) -> torch.Tensor:
     if not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ValueError(f"attention_dropout_mask: seed must be an int in [0, 2**31), got {seed!r}")
     mask = torch.empty((B, H, T, S), device=device, dtype=torch.int8)
-    _check_device(mask, "the mask")
+    check_kernel_device("attention_dropout_mask", mask)
     bm, bn = _MASK_BLOCKS
     _dropout_mask_kernel[(triton.cdiv(T, bm), triton.cdiv(S, bn), B * H)](
         mask, T, S, seed, float(dropout_p), BLOCK_M=bm, BLOCK_N=bn,
@@ -708,7 +714,6 @@ def attention_dropout_mask(B, H, T, S, dropout_p, seed, device) -> torch.Tensor:
 # Compile check
 # ---------------------------------------------------------------------------------------
 
-_TL_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # NOTE: the compile check must stay within CI's time, so it compiles each block table once:
 # fp16 shares bf16's table (only the mma operand type differs) and is left out.
 _SPEC_DTYPES = (torch.bfloat16, torch.float32)
@@ -724,23 +729,20 @@ def sm90_compile_specs() -> list[CompileSpec]:
     """Every block configuration the launchers can pick, per kernel (see _SPEC_* for what is sampled)."""
     specs = []
     for dtype in _SPEC_DTYPES:
-        t = _TL_TYPE[dtype]
+        t = TL_TYPE[dtype]
         for head_dim in _SPEC_HEAD_DIMS:
             block_d = _padded_head_dim(head_dim)
             dims = {"HEAD_DIM": head_dim, "BLOCK_D": block_d}
             specs.append(CompileSpec(
                 name=f"attention_bwd_delta[{t},D={head_dim},BM={_DELTA_BLOCK_M}]",
                 fn=_attn_bwd_delta_kernel,
-                signature={"O": f"*{t}", "DO": f"*{t}", "DELTA": "*fp32", "T": "i32",
-                           "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_M": "constexpr"},
+                signature=kernel_signature(_attn_bwd_delta_kernel, {"O": f"*{t}", "DO": f"*{t}", "DELTA": "*fp32"}),
                 constexprs={**dims, "BLOCK_M": _DELTA_BLOCK_M}, num_warps=4, num_stages=1,
             ))
             for causal, dropout in _SPEC_FLAGS:
                 flags = {"CAUSAL": causal, "DROPOUT": dropout, "DOT_PRECISION": _dot_precision(dtype)}
                 tag = f"{t},D={head_dim},causal={int(causal)},dropout={int(dropout)}"
-                scalars = {"sm_scale": "fp32", "T": "i32", "S": "i32", "seed": "i32", "dropout_p": "fp32"}
-                consts = {name: "constexpr" for name in
-                          ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "DROPOUT", "DOT_PRECISION")}
+                scalars = {"sm_scale": "fp32", "dropout_p": "fp32"}
                 for kname, fn, kernel, tensors in (
                     ("attention_fwd", _attn_fwd_kernel, "fwd",
                      {"Q": t, "K": t, "V": t, "O": t, "LSE": "fp32"}),
@@ -753,15 +755,14 @@ def sm90_compile_specs() -> list[CompileSpec]:
                     specs.append(CompileSpec(
                         name=f"{kname}[{tag},BM={cfg.block_m},BN={cfg.block_n}]",
                         fn=fn,
-                        signature={**{n: f"*{ty}" for n, ty in tensors.items()}, **scalars, **consts},
+                        signature=kernel_signature(fn, {**{n: f"*{ty}" for n, ty in tensors.items()}, **scalars}),
                         constexprs={**dims, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **flags},
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     ))
     specs.append(CompileSpec(
         name=f"attention_dropout_mask[BM={_MASK_BLOCKS[0]},BN={_MASK_BLOCKS[1]}]",
         fn=_dropout_mask_kernel,
-        signature={"MASK": "*i8", "T": "i32", "S": "i32", "seed": "i32", "dropout_p": "fp32",
-                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+        signature=kernel_signature(_dropout_mask_kernel, {"MASK": "*i8", "dropout_p": "fp32"}),
         constexprs={"BLOCK_M": _MASK_BLOCKS[0], "BLOCK_N": _MASK_BLOCKS[1]}, num_warps=4, num_stages=1,
     ))
     return specs

@@ -147,3 +147,29 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_mas
     dq = dtype.type(scale) * batched_matmul(ds, k)  # (B, H, T, D)
     dk = dtype.type(scale) * batched_matmul(np.swapaxes(ds, -1, -2), q)  # (B, H, S, D)
     return dq.astype(dtype, copy=False), dk.astype(dtype, copy=False), dv.astype(dtype, copy=False)
+
+
+# The seeded pair: the same signature as the Triton launchers in kernels/attention.py,
+# with the dropout mask drawn here from the seed (NumPy's generator, not the kernels'
+# Philox stream: the two backends drop different entries for the same seed).
+
+
+def dropout_mask(B: int, H: int, T: int, S: int, dropout_p: float, seed: int) -> np.ndarray | None:
+    """The keep-mask (B, H, T, S) bool for this (dropout_p, seed); None when nothing is dropped.
+
+    NOTE: a pure function of the seed, so the backward regenerates the forward's mask exactly."""
+    if dropout_p == 0.0:
+        return None
+    return np.random.default_rng(seed).random((B, H, T, S), dtype=np.float32) >= dropout_p
+
+
+def seeded_attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
+    """attention_forward with the dropout mask drawn from ``seed`` (see dropout_mask)."""
+    mask = dropout_mask(*q.shape[:3], k.shape[2], dropout_p, seed)
+    return attention_forward(q, k, v, scale, causal, mask, dropout_p)
+
+
+def seeded_attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0.0, seed=0):
+    """attention_backward with the forward's dropout mask regenerated from ``seed``."""
+    mask = dropout_mask(*q.shape[:3], k.shape[2], dropout_p, seed)
+    return attention_backward(do, q, k, v, o, lse, scale, causal, mask, dropout_p)

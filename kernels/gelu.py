@@ -19,25 +19,19 @@ to [-100, 100] (where s is already exactly 0 or 1) so it cannot overflow to inf 
 make 0 * inf.
 
 Kernels compute in fp32 and store in the input dtype. dbias is reduced through
-per-program fp32 partials and ``kernels.layernorm.sum_partials``: no atomics.
+per-program fp32 partials and ``kernels.common.sum_partials``: no atomics.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.compile_spec import CompileSpec
-from kernels.layernorm import (
-    SUPPORTED_DTYPES,
-    check_kernel_device,
-    num_programs_budget,
-    sum_partials,
-)
+from kernels.common import INTERPRET_TILE, check_dtype, check_kernel_device, num_programs_budget, sum_partials
+from kernels.compile_spec import CompileSpec, kernel_signature
 
 CUDA_BLOCK = 1024  # elementwise: elements per program on the GPU (8 per thread at 4 warps)
 INTERPRET_BLOCK = 65536  # interpreter cost grows with the number of programs, not their size
 CUDA_BIAS_TILE = (16, 128)  # bias backward on the GPU: (ROWS, BLOCK_C)
-INTERPRET_TILE = 65536  # bias backward in the interpreter: ROWS * BLOCK_C
 MAX_NUMEL = 2**31 - 1  # the element count is passed as i32
 
 
@@ -144,8 +138,7 @@ def _bias_gelu_bwd_kernel(
 
 def _check(name: str, **tensors: torch.Tensor) -> None:
     for arg, t in tensors.items():
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name}: {arg} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        check_dtype(name, arg, t)
     check_kernel_device(name, *tensors.values())
     numel = next(iter(tensors.values())).numel()
     if numel > MAX_NUMEL:
@@ -253,49 +246,25 @@ def bias_gelu_backward(dy, x, bias):
 def sm90_compile_specs() -> list[CompileSpec]:
     """Every (kernel, configuration) the launchers pick on a GPU, for bf16 and fp32 activations.
 
-    ``sum_partials`` is listed by ``kernels/layernorm.py``, which owns it.
+    ``sum_partials`` is listed by ``kernels/common.py``, which owns it.
     """
     specs = []
     rows, block_c = CUDA_BIAS_TILE
     for act in ("bf16", "fp32"):
         for has_bias in (False, True):
-            sig = {
-                "X": f"*{act}",
-                "BIAS": f"*{act}" if not has_bias else "*fp32",
-                "Y": f"*{act}",
-                "numel": "i32",
-                "N": "i32",
-                "HAS_BIAS": "constexpr",
-                "BLOCK": "constexpr",
-            }
-            specs.append(
-                CompileSpec(
-                    f"gelu_fwd[{act},HAS_BIAS={has_bias},BLOCK={CUDA_BLOCK}]",
-                    _gelu_fwd_kernel,
-                    sig,
-                    {"HAS_BIAS": has_bias, "BLOCK": CUDA_BLOCK},
-                )
+            sig = kernel_signature(
+                _gelu_fwd_kernel, {"X": f"*{act}", "BIAS": "*fp32" if has_bias else f"*{act}", "Y": f"*{act}"}
             )
-        sig = {"DY": f"*{act}", "X": f"*{act}", "DX": f"*{act}", "numel": "i32", "BLOCK": "constexpr"}
+            consts = {"HAS_BIAS": has_bias, "BLOCK": CUDA_BLOCK}
+            name = f"gelu_fwd[{act},HAS_BIAS={has_bias},BLOCK={CUDA_BLOCK}]"
+            specs.append(CompileSpec(name, _gelu_fwd_kernel, sig, consts))
+        sig = kernel_signature(_gelu_bwd_kernel, {"DY": f"*{act}", "X": f"*{act}", "DX": f"*{act}"})
         specs.append(CompileSpec(f"gelu_bwd[{act},BLOCK={CUDA_BLOCK}]", _gelu_bwd_kernel, sig, {"BLOCK": CUDA_BLOCK}))
-        sig = {
-            "DY": f"*{act}",
-            "X": f"*{act}",
-            "BIAS": "*fp32",
-            "DX": f"*{act}",
-            "PARTIAL": "*fp32",
-            "M": "i32",
-            "N": "i32",
-            "tiles_per_program": "i32",
-            "ROWS": "constexpr",
-            "BLOCK_C": "constexpr",
-        }
-        specs.append(
-            CompileSpec(
-                f"bias_gelu_bwd[{act},ROWS={rows},BLOCK_C={block_c}]",
-                _bias_gelu_bwd_kernel,
-                sig,
-                {"ROWS": rows, "BLOCK_C": block_c},
-            )
+        sig = kernel_signature(
+            _bias_gelu_bwd_kernel,
+            {"DY": f"*{act}", "X": f"*{act}", "BIAS": "*fp32", "DX": f"*{act}", "PARTIAL": "*fp32"},
         )
+        consts = {"ROWS": rows, "BLOCK_C": block_c}
+        name = f"bias_gelu_bwd[{act},ROWS={rows},BLOCK_C={block_c}]"
+        specs.append(CompileSpec(name, _bias_gelu_bwd_kernel, sig, consts))
     return specs

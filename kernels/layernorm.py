@@ -7,26 +7,22 @@ The NumPy twin these answer to is ``kernels/layernorm_ref.py`` (same names, same
 
 Kernels compute in fp32 and store in the input dtype; mean and rstd are saved in fp32.
 The backward writes dweight/dbias as per-program partial sums and reduces them with a
-second small kernel (``sum_partials``, also used by ``kernels/gelu.py``): no atomics,
+second small kernel (``kernels.common.sum_partials``): no atomics,
 so the result is deterministic.
 
 Tensors live on a CUDA device, or on the CPU when ``TRITON_INTERPRET=1`` (tests).
 """
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.compile_spec import CompileSpec
+from kernels.common import INTERPRET_TILE, check_dtype, check_kernel_device, num_programs_budget, sum_partials
+from kernels.compile_spec import CompileSpec, kernel_signature
 
 MAX_N = 16384  # one program holds whole rows: BLOCK_N = next_pow2(N) <= MAX_N
 MIN_BLOCK_N = 16  # smaller rows are padded; fewer configurations to compile
 CUDA_TILE = 2048  # elements per program on the GPU: ROWS = CUDA_TILE // BLOCK_N
-INTERPRET_TILE = 65536  # interpreter cost grows with the number of programs, not their size
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -123,55 +119,7 @@ def _layer_norm_bwd_kernel(
     tl.store(out + N, db_acc, mask=col_mask)
 
 
-@triton.jit
-def _sum_partials_kernel(
-    P,  # (n_partials, n_cols) fp32 partial sums, contiguous
-    OUT,  # (n_cols,) column sums, in OUT's dtype
-    n_partials,  # i32 rows of P
-    n_cols,  # i32 columns of P
-    BLOCK_P: tl.constexpr,  # partial rows added per loop step
-    BLOCK_C: tl.constexpr,  # columns per program
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-    col_mask = cols < n_cols
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, n_partials, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
-        mask = (rows < n_partials)[:, None] & col_mask[None, :]
-        acc += tl.load(P + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
-    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
-
-
 # ----------------------------------------------------------------------------- launchers
-
-
-def check_kernel_device(name: str, *tensors: torch.Tensor) -> None:
-    """Raise a clear error unless all tensors share one device a Triton kernel can use."""
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"{name}: tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    device = tensors[0].device
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
-    if device.type not in ("cuda", "cpu"):
-        raise RuntimeError(f"{name}: unsupported device {device}; use CUDA (or CPU under TRITON_INTERPRET=1)")
-
-
-def _check_dtype(name: str, arg: str, t: torch.Tensor) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name}: {arg} has dtype {t.dtype}; supported: float32, float16, bfloat16")
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_programs_budget(device: torch.device) -> int:
-    """How many programs a row reduction with per-program partial sums should use on this device."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 2  # interpreter: programs run one after another, fewer partials is cheaper
 
 
 def _row_config(n: int, on_cuda: bool) -> tuple[int, int, int]:
@@ -181,23 +129,6 @@ def _row_config(n: int, on_cuda: bool) -> tuple[int, int, int]:
     rows = max(1, tile // block_n)
     num_warps = min(16, max(4, block_n * rows // 256))
     return block_n, rows, num_warps
-
-
-def _partials_config(n_partials: int, n_cols: int, on_cuda: bool) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps) for `_sum_partials_kernel`."""
-    if on_cuda:
-        return 32, 128, 4
-    return triton.next_power_of_2(n_partials), min(triton.next_power_of_2(n_cols), INTERPRET_TILE), 4
-
-
-def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Column sums of a contiguous fp32 (n_partials, n_cols) tensor, returned as (n_cols,) in dtype."""
-    n_partials, n_cols = partials.shape
-    out = torch.empty(n_cols, device=partials.device, dtype=dtype)
-    block_p, block_c, num_warps = _partials_config(n_partials, n_cols, partials.is_cuda)
-    grid = (triton.cdiv(n_cols, block_c),)
-    _sum_partials_kernel[grid](partials, out, n_partials, n_cols, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-    return out
 
 
 def _check_feature_size(name: str, n: int) -> None:
@@ -218,7 +149,7 @@ def layer_norm_forward(x, weight, bias, eps=1e-5):
         if tuple(t.shape) != (n,):
             raise ValueError(f"{name}: {arg} has shape {tuple(t.shape)}, expected ({n},) to match x {tuple(x.shape)}")
     for arg, t in (("x", x), ("weight", weight), ("bias", bias)):
-        _check_dtype(name, arg, t)
+        check_dtype(name, arg, t)
     check_kernel_device(name, x, weight, bias)
     _check_feature_size(name, n)
 
@@ -268,7 +199,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
                 f"{name}: {arg} has shape {tuple(t.shape)}, expected {tuple(x.shape[:-1])} for x {tuple(x.shape)}"
             )
     for arg, t in (("dy", dy), ("x", x), ("weight", weight), ("mean", mean), ("rstd", rstd)):
-        _check_dtype(name, arg, t)
+        check_dtype(name, arg, t)
     check_kernel_device(name, dy, x, weight, mean, rstd)
     _check_feature_size(name, n)
 
@@ -320,52 +251,14 @@ def sm90_compile_specs() -> list[CompileSpec]:
         _, rows, num_warps = _row_config(block_n, on_cuda=True)
         consts = {"BLOCK_N": block_n, "ROWS": rows}
         tag = f"[{act},BLOCK_N={block_n},ROWS={rows},warps={num_warps}]"
-        fwd_sig = {
-            "X": f"*{act}",
-            "W": "*fp32",
-            "B": "*fp32",
-            "Y": f"*{act}",
-            "MEAN": "*fp32",
-            "RSTD": "*fp32",
-            "M": "i32",
-            "N": "i32",
-            "eps": "fp32",
-            "BLOCK_N": "constexpr",
-            "ROWS": "constexpr",
-        }
-        bwd_sig = {
-            "DY": f"*{act}",
-            "X": f"*{act}",
-            "W": "*fp32",
-            "MEAN": "*fp32",
-            "RSTD": "*fp32",
-            "DX": f"*{act}",
-            "PARTIAL": "*fp32",
-            "M": "i32",
-            "N": "i32",
-            "tiles_per_program": "i32",
-            "BLOCK_N": "constexpr",
-            "ROWS": "constexpr",
-        }
+        fwd_sig = kernel_signature(
+            _layer_norm_fwd_kernel, {"X": f"*{act}", "W": "*fp32", "B": "*fp32", "Y": f"*{act}",
+                                     "MEAN": "*fp32", "RSTD": "*fp32", "eps": "fp32"}
+        )
+        bwd_sig = kernel_signature(
+            _layer_norm_bwd_kernel, {"DY": f"*{act}", "X": f"*{act}", "W": "*fp32", "MEAN": "*fp32",
+                                     "RSTD": "*fp32", "DX": f"*{act}", "PARTIAL": "*fp32"}
+        )
         specs.append(CompileSpec(f"layer_norm_fwd{tag}", _layer_norm_fwd_kernel, fwd_sig, consts, num_warps))
         specs.append(CompileSpec(f"layer_norm_bwd{tag}", _layer_norm_bwd_kernel, bwd_sig, consts, num_warps))
-    block_p, block_c, num_warps = _partials_config(1, 1, on_cuda=True)
-    for out in ("fp32", "bf16"):
-        sig = {
-            "P": "*fp32",
-            "OUT": f"*{out}",
-            "n_partials": "i32",
-            "n_cols": "i32",
-            "BLOCK_P": "constexpr",
-            "BLOCK_C": "constexpr",
-        }
-        specs.append(
-            CompileSpec(
-                f"sum_partials[{out},BLOCK_P={block_p},BLOCK_C={block_c}]",
-                _sum_partials_kernel,
-                sig,
-                {"BLOCK_P": block_p, "BLOCK_C": block_c},
-                num_warps,
-            )
-        )
     return specs

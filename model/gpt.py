@@ -137,10 +137,13 @@ class GPTModel(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.data = backend.zeros(module.bias.shape, "float32")
 
-    def forward(self, ids: Any, kv_cache: KVCache | None = None) -> engine.Tensor:
-        """Logits (B, T, vocab_size) for integer token ids (B, T).
+    def forward(self, ids: Any, kv_cache: KVCache | None = None, targets: Any = None) -> engine.Tensor:
+        """Logits (B, T, vocab_size) for integer token ids (B, T); with ``targets`` (B, T),
+        the mean next-token cross-entropy instead (positions with target -100 skipped).
 
-        With ``kv_cache``, ``ids`` are only the new tokens: they take positions
+        The loss goes through ``F.linear_cross_entropy``, which never holds the (B, T, vocab)
+        logits, unless ``lm_head`` was replaced (LoRA, a classifier head). With
+        ``kv_cache``, ``ids`` are only the new tokens: they take positions
         ``kv_cache.length …`` and the cache grows by T."""
         ids = ids if isinstance(ids, engine.Tensor) else engine.tensor(np.asarray(ids))
         if ids.ndim != 2:
@@ -159,7 +162,12 @@ class GPTModel(nn.Module):
         x = self.drop(self.wte(ids) + self.wpe(positions))  # (B, T, E)
         for i, block in enumerate(self.h):
             x = block(x, kv_cache, i)  # (B, T, E)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        x = self.ln_f(x)  # (B, T, E)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, vocab)
+        if type(self.lm_head) is nn.Linear:
+            return F.linear_cross_entropy(x, self.lm_head.weight, targets, bias=self.lm_head.bias)
+        return F.cross_entropy(self.lm_head(x), targets)
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(len(self.h))

@@ -68,3 +68,15 @@ def test_compiles_for_sm90_with_installed_triton():
 @pytest.mark.skipif(triton.__version__.startswith("3.6"), reason="the installed triton is already 3.6")
 def test_compiles_for_sm90_with_triton_36(triton36_dir):
     _run_check(_clean_env(first_on_path=triton36_dir), "3.6")
+
+
+def test_spec_signatures_come_from_the_kernels_own_arguments():
+    from kernels.common import _sum_partials_kernel
+    from kernels.compile_spec import kernel_signature
+
+    assert kernel_signature(_sum_partials_kernel, {"P": "*fp32", "OUT": "*bf16"}) == {
+        "P": "*fp32", "OUT": "*bf16", "n_partials": "i32", "n_cols": "i32", "BLOCK_P": "constexpr",
+        "BLOCK_C": "constexpr",
+    }
+    with pytest.raises(ValueError, match=r"has no argument\(s\) \['Q'\]"):
+        kernel_signature(_sum_partials_kernel, {"Q": "*fp32"})

@@ -218,3 +218,23 @@ def test_init_schemes():
     assert np.abs(c_fc.bias.numpy()).max() > 0
     with pytest.raises(ValueError, match="init must be one of gpt2, book"):
         get_config("tiny", init="xavier")
+
+
+@pytest.mark.parametrize("tie_weights", [False, True])
+def test_loss_with_targets_is_the_fused_head_and_equals_the_unfused_loss(tie_weights):
+    """model(ids, targets=...) (F.linear_cross_entropy) gives the loss and every gradient of
+    F.cross_entropy(model(ids), targets), ignored positions included."""
+    ids = np.random.default_rng(2).integers(0, 97, size=(2, 9))
+    targets = ids[:, 1:].copy()
+    targets[0, :3] = -100
+    results = []
+    for fused in (True, False):
+        model = small_model(dtype="float32", tie_weights=tie_weights)
+        loss = model(ids[:, :-1], targets=targets) if fused else F.cross_entropy(model(ids[:, :-1]), targets)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert_close(loss, ref_loss, 1e-6, 1e-6, "loss")
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], 1e-5, 1e-5, name)

@@ -1,4 +1,5 @@
-"""The CPU backend: arrays are ``numpy.ndarray``; fused ops run the NumPy references in ``kernels/``."""
+"""The CPU backend: arrays are ``numpy.ndarray``; fused ops run the NumPy references in ``kernels/``
+(``self.kernels``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.backends.base import Array, Axis, Backend
+from engine.backends.base import Array, Axis, Backend, kernel_namespace
 from kernels import attention_ref, cross_entropy_ref, gelu_ref, layernorm_ref
 
 _DTYPES = {
@@ -23,6 +24,16 @@ class NumpyBackend(Backend):
     name = "numpy"
 
     def __init__(self) -> None:
+        # the fused ops' kernel pairs: the NumPy references
+        super().__init__(
+            kernel_namespace(
+                gelu_ref,
+                layernorm_ref,
+                cross_entropy_ref,
+                attention_forward=attention_ref.seeded_attention_forward,
+                attention_backward=attention_ref.seeded_attention_backward,
+            )
+        )
         self._rng = np.random.default_rng(0)
 
     # --- dtypes and creation ---
@@ -164,30 +175,3 @@ class NumpyBackend(Backend):
         np.divide(m, tmp, out=tmp)
         tmp *= lr / bias1
         p -= tmp
-
-    # --- fused kernel pairs: the NumPy references ---
-    gelu_forward = staticmethod(gelu_ref.gelu_forward)
-    gelu_backward = staticmethod(gelu_ref.gelu_backward)
-    bias_gelu_forward = staticmethod(gelu_ref.bias_gelu_forward)
-    bias_gelu_backward = staticmethod(gelu_ref.bias_gelu_backward)
-    layer_norm_forward = staticmethod(layernorm_ref.layer_norm_forward)
-    layer_norm_backward = staticmethod(layernorm_ref.layer_norm_backward)
-    cross_entropy_forward = staticmethod(cross_entropy_ref.cross_entropy_forward)
-    cross_entropy_backward = staticmethod(cross_entropy_ref.cross_entropy_backward)
-
-    @staticmethod
-    def _dropout_mask(q: Array, k: Array, dropout_p: float, seed: int) -> np.ndarray | None:
-        if dropout_p == 0.0:
-            return None
-        B, H, T, _ = q.shape
-        S = k.shape[2]
-        # NOTE: the mask is a pure function of the seed, so backward regenerates it exactly.
-        return np.random.default_rng(seed).random((B, H, T, S), dtype=np.float32) >= dropout_p
-
-    def attention_forward(self, q, k, v, scale, causal, dropout_p, seed):
-        mask = self._dropout_mask(q, k, dropout_p, seed)
-        return attention_ref.attention_forward(q, k, v, scale, causal, mask, dropout_p)
-
-    def attention_backward(self, do, q, k, v, o, lse, scale, causal, dropout_p, seed):
-        mask = self._dropout_mask(q, k, dropout_p, seed)
-        return attention_ref.attention_backward(do, q, k, v, o, lse, scale, causal, mask, dropout_p)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from engine.backends.base import Array, Axis, Backend
+from engine.backends.base import Array, Axis, Backend, kernel_namespace
 
 _DTYPES = {
     "float32": torch.float32,
@@ -36,7 +36,8 @@ def _enable_interpreter_if_needed() -> str:
     if torch.cuda.is_available():
         return "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
-        loaded = [m for m in ("kernels.attention", "kernels.layernorm", "kernels.gelu") if m in sys.modules]
+        # the modules holding @triton.jit kernels (the NumPy references and the spec type hold none)
+        loaded = [m for m in sys.modules if m.startswith("kernels.") and not m.endswith(("_ref", ".compile_spec"))]
         if loaded:
             raise RuntimeError(
                 "the triton backend found no CUDA GPU, and the Triton kernels were already imported without "
@@ -50,21 +51,15 @@ def _enable_interpreter_if_needed() -> str:
     return "cpu"
 
 
-def _pad_head_dim(t: torch.Tensor) -> torch.Tensor:
-    """Zero-pad the head dim to a multiple of 8, the kernel's granularity. Zeros change no dot
-    product, and padded value columns only produce output columns that are sliced off."""
-    pad = -t.shape[-1] % 8
-    return torch.nn.functional.pad(t, (0, pad)) if pad else t
-
-
 class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self) -> None:
         self.device = torch.device(_enable_interpreter_if_needed())
-        from kernels import attention, gelu, layernorm
+        # NOTE: imported here, after the interpreter switch above, never at module import.
+        from kernels import attention, cross_entropy, gelu, layernorm
 
-        self._attention, self._gelu, self._layernorm = attention, gelu, layernorm
+        super().__init__(kernel_namespace(gelu, layernorm, attention, cross_entropy))  # the Triton launchers
         self._gen = torch.Generator(device=self.device)
         self._gen.manual_seed(0)
 
@@ -201,60 +196,3 @@ class TritonBackend(Backend):
             positions = torch.arange(out.numel(), device=self.device).reshape(out.shape)[index]
             out.view(-1).index_add_(0, positions.reshape(-1), values.reshape(-1))
         return out
-
-    # --- fused kernel pairs: our Triton kernels ---
-    def gelu_forward(self, x: Array) -> torch.Tensor:
-        return self._gelu.gelu_forward(x)
-
-    def gelu_backward(self, dy: Array, x: Array) -> torch.Tensor:
-        return self._gelu.gelu_backward(dy, x)
-
-    def bias_gelu_forward(self, x: Array, bias: Array) -> torch.Tensor:
-        return self._gelu.bias_gelu_forward(x, bias)
-
-    def bias_gelu_backward(self, dy: Array, x: Array, bias: Array) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._gelu.bias_gelu_backward(dy, x, bias)
-
-    def layer_norm_forward(self, x, weight, bias, eps):
-        return self._layernorm.layer_norm_forward(x, weight, bias, eps)
-
-    def layer_norm_backward(self, dy, x, weight, mean, rstd):
-        return self._layernorm.layer_norm_backward(dy, x, weight, mean, rstd)
-
-    def attention_forward(self, q, k, v, scale, causal, dropout_p, seed):
-        d = q.shape[-1]
-        q, k, v = (_pad_head_dim(t) for t in (q, k, v))
-        o, lse = self._attention.attention_forward(q, k, v, scale, causal, dropout_p, seed)
-        return o[..., :d], lse
-
-    def attention_backward(self, do, q, k, v, o, lse, scale, causal, dropout_p, seed):
-        d = q.shape[-1]
-        grads = self._attention.attention_backward(
-            *(_pad_head_dim(t) for t in (do, q, k, v, o)), lse, scale, causal, dropout_p, seed
-        )
-        return tuple(g[..., :d] for g in grads)
-
-    # cross-entropy: plain torch math in fp32 (no Triton kernel yet)
-    def cross_entropy_forward(self, logits: Array, targets: Array, ignore_index: int) -> torch.Tensor:
-        valid = targets != ignore_index  # (N,)
-        bad = valid & ((targets < 0) | (targets >= logits.shape[1]))
-        if bool(bad.any()):
-            raise ValueError(
-                f"cross_entropy: target {int(targets[bad][0])} out of range for {logits.shape[1]} classes "
-                f"(use ignore_index={ignore_index} for positions to skip)"
-            )
-        x = logits.float()
-        shifted = x - x.amax(dim=1, keepdim=True)  # (N, C)
-        log_sum = torch.log(torch.exp(shifted).sum(dim=1))  # (N,)
-        picked = shifted.gather(1, torch.where(valid, targets, 0)[:, None])[:, 0]  # (N,)
-        nll = torch.where(valid, log_sum - picked, 0.0)
-        # NOTE: a bf16 model still gets an fp32 loss.
-        return (nll.sum() / valid.sum()).to(torch.promote_types(logits.dtype, torch.float32))
-
-    def cross_entropy_backward(self, dloss: Array, logits: Array, targets: Array, ignore_index: int) -> torch.Tensor:
-        valid = targets != ignore_index  # (N,)
-        probs = torch.softmax(logits.float(), dim=1)  # (N, C)
-        rows = torch.nonzero(valid)[:, 0]
-        probs[rows, targets[rows]] -= 1.0
-        scale = dloss.float() / valid.sum().clamp(min=1)
-        return (probs * (scale * valid[:, None])).to(logits.dtype)

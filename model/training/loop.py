@@ -23,7 +23,6 @@ from typing import Any
 from tqdm import tqdm
 
 import engine
-from engine import functional as F
 from engine import optim
 from model.sampling import generate, ids_to_text, text_to_ids
 from model.training.distributed import Distributed
@@ -34,8 +33,7 @@ LossFn = Callable[[Any, Any, Any], "engine.Tensor"]
 # --- the book's evaluation helpers ---
 def calc_loss_batch(input_batch: Any, target_batch: Any, model: Any) -> engine.Tensor:
     """Mean next-token cross-entropy of one batch: ids (B, T) against targets (B, T)."""
-    logits = model(engine.tensor(input_batch))  # (B, T, V)
-    return F.cross_entropy(logits, engine.tensor(target_batch))
+    return model(engine.tensor(input_batch), targets=engine.tensor(target_batch))  # fused LM head + loss
 
 
 def calc_loss_loader(data_loader: Any, model: Any, num_batches: int | None = None,
