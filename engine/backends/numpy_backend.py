@@ -6,8 +6,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engine.backends import numpy_attention
 from engine.backends.base import Array, Axis, Backend
-from kernels import attention_ref, cross_entropy_ref, gelu_ref, layernorm_ref
+from engine.backends.numpy_threads import batched_matmul
+from kernels import cross_entropy_ref, gelu_ref, layernorm_ref
 
 _DTYPES = {
     "float32": np.float32,
@@ -122,10 +124,10 @@ class NumpyBackend(Backend):
         return np.concatenate(arrays, axis=axis)
 
     def matmul(self, a: Array, b: Array) -> np.ndarray:
-        # NOTE: stacks of matrices (attention heads) go through the reference's batched
-        # product: contiguous operands, one BLAS thread (see kernels/attention_ref.batched_matmul).
+        # NOTE: stacks of small matrices (attention heads) are shared among our threads
+        # (see numpy_threads.batched_matmul); 2-D products use BLAS's own threads.
         if a.ndim > 2 and a.shape[:-2] == b.shape[:-2]:
-            return attention_ref.batched_matmul(a, b)
+            return batched_matmul(a, b)
         return a @ b
 
     def index(self, index: Any) -> Any:
@@ -175,19 +177,6 @@ class NumpyBackend(Backend):
     cross_entropy_forward = staticmethod(cross_entropy_ref.cross_entropy_forward)
     cross_entropy_backward = staticmethod(cross_entropy_ref.cross_entropy_backward)
 
-    @staticmethod
-    def _dropout_mask(q: Array, k: Array, dropout_p: float, seed: int) -> np.ndarray | None:
-        if dropout_p == 0.0:
-            return None
-        B, H, T, _ = q.shape
-        S = k.shape[2]
-        # NOTE: the mask is a pure function of the seed, so backward regenerates it exactly.
-        return np.random.default_rng(seed).random((B, H, T, S), dtype=np.float32) >= dropout_p
-
-    def attention_forward(self, q, k, v, scale, causal, dropout_p, seed):
-        mask = self._dropout_mask(q, k, dropout_p, seed)
-        return attention_ref.attention_forward(q, k, v, scale, causal, mask, dropout_p)
-
-    def attention_backward(self, do, q, k, v, o, lse, scale, causal, dropout_p, seed):
-        mask = self._dropout_mask(q, k, dropout_p, seed)
-        return attention_ref.attention_backward(do, q, k, v, o, lse, scale, causal, mask, dropout_p)
+    # blocked attention, memory linear in T (tested against kernels/attention_ref.py)
+    attention_forward = staticmethod(numpy_attention.attention_forward)
+    attention_backward = staticmethod(numpy_attention.attention_backward)
