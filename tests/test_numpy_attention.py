@@ -1,5 +1,7 @@
 """The numpy backend's blocked attention gives the reference's values, gradients and dropout mask."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -59,15 +61,17 @@ def test_blocked_attention_rejects_what_the_reference_rejects():
         numpy_attention.attention_forward(q, q[:, :, :2], q[:, :, :2], 1.0, True, 0.0, 0)
 
 
-def test_memory_grows_with_t_not_t_squared():
-    import tracemalloc
-
-    T, D = 2048, 8
-    q, k, v, do = np.random.default_rng(0).standard_normal((4, 1, 1, T, D))
+def _attention_peak_bytes(T: int) -> int:
+    q, k, v, do = np.random.default_rng(0).standard_normal((4, 1, 1, T, 8))
     tracemalloc.start()
     o, lse = numpy_attention.attention_forward(q, k, v, 0.3, True, 0.1, 7)
     numpy_attention.attention_backward(do, q, k, v, o, lse, 0.3, True, 0.1, 7)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    full_scores = T * T * 8  # one (T, T) float64 matrix, which the reference makes several of
-    assert peak < full_scores / 4, f"peak {peak} bytes"
+    return peak
+
+
+def test_memory_grows_with_t_not_t_squared():
+    small, large = _attention_peak_bytes(1024), _attention_peak_bytes(4096)
+    assert large < 5 * small, f"peak {small} bytes at T=1024, {large} at T=4096 (T² would be 16x)"
+    assert large < 4096 * 4096 * 8 / 4, f"peak {large} bytes: a quarter of one (T, T) float64 matrix"
