@@ -6,10 +6,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.backends import numpy_attention
+from engine.backends import numpy_attention, numpy_fused
 from engine.backends.base import Array, Axis, Backend
 from engine.backends.numpy_threads import batched_matmul
-from kernels import cross_entropy_ref, gelu_ref, layernorm_ref
 
 _DTYPES = {
     "float32": np.float32,
@@ -150,33 +149,16 @@ class NumpyBackend(Backend):
             out[index] = values  # basic indexing picks each position at most once
         return out
 
-    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2_sqrt) -> None:
-        # every step in place, through one scratch buffer: no new 4-byte-per-weight arrays
-        tmp = np.multiply(g, 1 - beta1)
-        p *= 1 - lr * weight_decay
-        m *= beta1
-        m += tmp
-        np.multiply(g, g, out=tmp)
-        tmp *= 1 - beta2
-        v *= beta2
-        v += tmp
-        np.sqrt(v, out=tmp)
-        tmp *= 1 / bias2_sqrt
-        tmp += eps
-        np.divide(m, tmp, out=tmp)
-        tmp *= lr / bias1
-        p -= tmp
-
-    # --- fused kernel pairs: the NumPy references ---
-    gelu_forward = staticmethod(gelu_ref.gelu_forward)
-    gelu_backward = staticmethod(gelu_ref.gelu_backward)
-    bias_gelu_forward = staticmethod(gelu_ref.bias_gelu_forward)
-    bias_gelu_backward = staticmethod(gelu_ref.bias_gelu_backward)
-    layer_norm_forward = staticmethod(layernorm_ref.layer_norm_forward)
-    layer_norm_backward = staticmethod(layernorm_ref.layer_norm_backward)
-    cross_entropy_forward = staticmethod(cross_entropy_ref.cross_entropy_forward)
-    cross_entropy_backward = staticmethod(cross_entropy_ref.cross_entropy_backward)
-
+    # --- fused kernels: the references in kernels/, chunked onto the backend's threads ---
+    adamw_update = staticmethod(numpy_fused.adamw_update)
+    gelu_forward = staticmethod(numpy_fused.gelu_forward)
+    gelu_backward = staticmethod(numpy_fused.gelu_backward)
+    bias_gelu_forward = staticmethod(numpy_fused.bias_gelu_forward)
+    bias_gelu_backward = staticmethod(numpy_fused.bias_gelu_backward)
+    layer_norm_forward = staticmethod(numpy_fused.layer_norm_forward)
+    layer_norm_backward = staticmethod(numpy_fused.layer_norm_backward)
+    cross_entropy_forward = staticmethod(numpy_fused.cross_entropy_forward)
+    cross_entropy_backward = staticmethod(numpy_fused.cross_entropy_backward)
     # blocked attention, memory linear in T (tested against kernels/attention_ref.py)
     attention_forward = staticmethod(numpy_attention.attention_forward)
     attention_backward = staticmethod(numpy_attention.attention_backward)
