@@ -6,9 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.backends import numpy_attention, numpy_fused
+from engine.backends import numpy_attention, numpy_fused, numpy_threads
 from engine.backends.base import Array, Axis, Backend
-from engine.backends.numpy_threads import batched_matmul
 
 _DTYPES = {
     "float32": np.float32,
@@ -123,10 +122,11 @@ class NumpyBackend(Backend):
         return np.concatenate(arrays, axis=axis)
 
     def matmul(self, a: Array, b: Array) -> np.ndarray:
-        # NOTE: stacks of small matrices (attention heads) are shared among our threads
-        # (see numpy_threads.batched_matmul); 2-D products use BLAS's own threads.
+        # NOTE: products are shared among our threads, one BLAS thread each (see numpy_threads)
+        if a.ndim == 2 and b.ndim == 2:
+            return numpy_threads.matmul(a, b)
         if a.ndim > 2 and a.shape[:-2] == b.shape[:-2]:
-            return batched_matmul(a, b)
+            return numpy_threads.batched_matmul(a, b)
         return a @ b
 
     def index(self, index: Any) -> Any:
