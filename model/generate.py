@@ -15,7 +15,7 @@ from model.data.datadir import DataFileNotFoundError, add_data_dir_argument
 from model.gpt import GPTModel
 from model.sampling import generate, ids_to_text, text_to_ids
 from model.tokenizers.gpt2 import gpt2_tokenizer
-from model.training.cli import command_parser
+from model.training.cli import add_backend_argument, command_parser
 from model.weights.checkpoint import CheckpointError
 from model.weights.hf import HF_MODELS, HFDownloadError
 from model.weights.start import load_start_model
@@ -44,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed for sampling and for an untrained model's init")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop when the model emits <|endoftext|>")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step")
-    parser.add_argument("--backend", choices=["numpy", "triton"], default=None,
-                        help="engine backend (default: triton with a CUDA GPU, else numpy)")
+    add_backend_argument(parser)
     parser.add_argument("--cache-dir", metavar="DIR", default=None,
                         help="where --hf-model downloads are kept (default: the user cache dir)")
     add_data_dir_argument(parser)
