@@ -58,7 +58,7 @@ def load_for_inference(source: str | os.PathLike, best: bool = False,
         model = model_from_state_dict(ckpt.config, ckpt.state_dict)
     except KeyError as err:
         raise CheckpointError(f"{ckpt.path}: weights do not fit its config: {err.args[0]}") from None
-    return _gpt2(model, gpt2_tokenizer(data_dir), ckpt.extra.get("prompt_template"), f"checkpoint {ckpt.path}")
+    return gpt2_inference(model, gpt2_tokenizer(data_dir), ckpt.extra.get("prompt_template"), f"checkpoint {ckpt.path}")
 
 
 def load_hf_for_inference(directory: Path, data_dir: str | os.PathLike | None = None) -> InferenceModel:
@@ -79,10 +79,12 @@ def load_hf_for_inference(directory: Path, data_dir: str | os.PathLike | None = 
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
     tokenizer = gpt2_tokenizer_from_files(vocab, merges) if vocab.is_file() and merges.is_file() \
         else gpt2_tokenizer(data_dir)
-    return _gpt2(load_hf_gpt2(directory, drop_rate=0.0), tokenizer, None, f"Hugging Face GPT-2 from {directory}")
+    model = load_hf_gpt2(directory, drop_rate=0.0)
+    return gpt2_inference(model, tokenizer, None, f"Hugging Face GPT-2 from {directory}")
 
 
-def _gpt2(model: Any, tokenizer: Any, template: str | None, description: str) -> InferenceModel:
+def gpt2_inference(model: Any, tokenizer: Any, template: str | None, description: str) -> InferenceModel:
+    """A GPT-2-tokenizer model with the prompt template its checkpoint names (None: plain continuation)."""
     encode = lambda text: encode_text(tokenizer, text)  # noqa: E731
     if model.config.vocab_size <= tokenizer.eot_token:
         raise CheckpointError(f"{description}: its vocab_size {model.config.vocab_size} is smaller than GPT-2's: it "
