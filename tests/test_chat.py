@@ -1,5 +1,6 @@
 """Chat: the instruct template, a session whose KV cache carries across turns (and gives the
-tokens a from-scratch forward gives), dropping old turns, and `scratchgpt chat` through stdin."""
+tokens a from-scratch forward gives), dropping old turns, and `scratchgpt chat` through stdin
+over our checkpoints and Llama 3 / Qwen3 folders."""
 
 import io
 
@@ -145,3 +146,6 @@ def test_chat_over_a_hugging_face_folder_uses_its_native_template(kind, tmp_path
     code, out, err = chat_through_stdin(monkeypatch, capsys, ["Hello"], str(folder))
     assert code == 0 and f"prompt template {template.name}" in err
     assert out == expected + "\n"
+    # generate --hf-dir detects the family from config.json and applies the same template
+    cli.main(["generate", "--hf-dir", str(folder), "--prompt", "Hello", "--max-new-tokens", "6"])
+    assert capsys.readouterr().out == expected + "\n"
