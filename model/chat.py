@@ -8,7 +8,8 @@ oldest turns dropped when the context is full.
 
 At a terminal: ``/reset`` starts over, ``/stats`` toggles tokens/s, ``/exit`` or Ctrl-D quits,
 Ctrl-C stops a reply or clears the line. With stdin not a terminal, each line is one user
-message and each reply is one line on stdout (notes go to stderr), so a chat can be scripted.
+message and each reply goes to stdout followed by a newline (notes go to stderr), so a chat
+can be scripted.
 """
 
 from __future__ import annotations

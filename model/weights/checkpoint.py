@@ -89,7 +89,7 @@ def resolve_checkpoint(path: str | os.PathLike, best: bool = False) -> Path:
     directory, whose latest checkpoint is ``DIR/checkpoint`` and, with ``best``, whose best
     (lowest validation loss) is ``DIR/best``. Raises `CheckpointNotFoundError` naming what is missing."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() or (not best and checkpoint_paths(path)[0].is_file()):  # DIR.safetensors wins
         if best:
             raise CheckpointError(f"--best takes a run directory, and {path} is not one")
         return _base(path)
