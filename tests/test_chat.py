@@ -149,3 +149,33 @@ def test_chat_over_a_hugging_face_folder_uses_its_native_template(kind, tmp_path
     # generate --hf-dir detects the family from config.json and applies the same template
     cli.main(["generate", "--hf-dir", str(folder), "--prompt", "Hello", "--max-new-tokens", "6"])
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_terminal_keys_behave_as_in_other_repls(monkeypatch, capsys):
+    """At a terminal: Ctrl-C stops a reply or clears the prompt line, Ctrl-D quits."""
+    from model.chat import repl
+
+    class Session:
+        resets = 0
+
+        def send(self, text, on_text):
+            on_text("partial")
+            raise KeyboardInterrupt
+
+        def reset(self):
+            self.resets += 1
+
+    keys = iter(["Hi", KeyboardInterrupt(), "/reset", "/nope", EOFError()])
+
+    def fake_input(prompt):
+        key = next(keys)
+        if isinstance(key, BaseException):
+            raise key
+        return key
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    session = Session()
+    assert repl(session, interactive=True, stats=False) == 0
+    err = capsys.readouterr().err
+    assert "(reply stopped)" in err and "(conversation cleared)" in err and "unknown command /nope" in err
+    assert session.resets == 1
