@@ -1,5 +1,5 @@
 """Make the figures of docs/book.md: ``python docs/make_figures.py`` (numpy backend, about
-5 CPU-minutes; reads the-verdict.txt from the data dir).
+3 CPU-minutes; reads the-verdict.txt from the data dir).
 
 - ``loss_curves.png``: train and validation loss of the ``tiny`` preset pretrained on
   the-verdict.txt (the book's chapter-5 figure, at CPU size).
