@@ -1,4 +1,4 @@
-"""Pretraining a GPT on a text file: ``python -m model.train`` (the book's chapter 5).
+"""Pretraining a GPT on a text file or a prepared corpus: ``python -m model.train`` (the book's chapter 5).
 
 With no arguments it reproduces the book's run: GPT-2 small with a 256-token context on
 the-verdict.txt (90/10 split, stride = context), AdamW(lr 4e-4, weight decay 0.1),
@@ -6,6 +6,9 @@ batch 2, 10 epochs, train/val loss every 5 steps over the first 5 batches of eac
 loader, and a greedy continuation of "Every effort moves you" after each epoch. It
 writes the loss curve (``loss.png``), the history (``history.json``) and a checkpoint
 (``checkpoint.safetensors``, metadata in its header) to ``--out-dir``.
+
+``--data DIR`` trains on a corpus tokenized once by ``python -m model.prepare_data`` instead,
+read through a memory map (random windows, or ``--sequential``), so it may be larger than memory.
 
 Ctrl-C saves a checkpoint that ``--resume`` continues with exactly the losses an
 uninterrupted run would have had. Launched by torchrun (``torchrun --nproc_per_node=N -m
@@ -19,10 +22,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import engine
 from model.config import INIT_SCHEMES
 from model.data.datadir import data_file
+from model.data.token_files import TokenFileError, token_file_loaders
 from model.data.windows import create_dataloaders
 from model.gpt import count_parameters
 from model.lora import apply_gpt_lora
@@ -41,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(GPT-2 small, context 256, the-verdict.txt, 10 epochs).")
     p.add_argument("--data-file", default="the-verdict.txt",
                    help="training text: a path to an existing file, or a name relative to the data dir")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="train on a corpus prepared by python -m model.prepare_data (train.bin / val.bin, read "
+                        "through a memory map) instead of --data-file")
+    p.add_argument("--sequential", action="store_true",
+                   help="with --data: consecutive windows in file order instead of random windows")
     p.add_argument("--init", choices=INIT_SCHEMES, default="book",
                    help="weight init of a random model: 'book' = PyTorch's layer defaults, as the book's model "
                         "(reaches the book's losses); 'gpt2' = N(0, 0.02) weights and zero biases, as GPT-2")
@@ -54,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, checkpoint = run.parse_with_resume(parser, argv)
-    return run.run_command(parser, args, _run, resume=checkpoint)
+    if args.sequential and not args.data:
+        parser.error("--sequential applies to --data DIR only; --data-file batches are shuffled windows")
+    return run.run_command(parser, args, _run, user_errors=(TokenFileError,), resume=checkpoint)
 
 
 def _read_text(data_file_arg: str, data_dir: str | None) -> tuple[str, Path]:
@@ -64,20 +76,32 @@ def _read_text(data_file_arg: str, data_dir: str | None) -> tuple[str, Path]:
     return path.read_text(encoding="utf-8"), path
 
 
+def _loaders(ctx: run.RunContext, context_length: int, tokenizer: Any) -> tuple[Any, Any, str]:
+    """(train, val) loaders of global batches, and the data's name: --data DIR, else --data-file."""
+    args = ctx.args
+    batch_size = args.batch_size * ctx.world_size
+    if args.data:
+        train_loader, val_loader = token_file_loaders(args.data, context_length, batch_size,
+                                                      sequential=args.sequential, seed=args.seed)
+        return train_loader, val_loader, str(args.data)
+    text, text_path = _read_text(args.data_file, args.data_dir)
+    train_loader, val_loader = create_dataloaders(text, tokenizer, context_length, context_length, batch_size,
+                                                  train_fraction=0.9, seed=args.seed)
+    return train_loader, val_loader, text_path.name
+
+
 def _run(ctx: run.RunContext) -> int:
     args = ctx.args
     tokenizer = gpt2_tokenizer(args.data_dir)
-    text, text_path = _read_text(args.data_file, args.data_dir)
     model, source = run.start_model(ctx, RECIPE, qkv_bias=False, init=args.init)
     if args.lora_rank:
         ctx.print(apply_gpt_lora(model, args.lora_rank, args.lora_alpha))
     optimizer = run.make_optimizer(model, args)
     state = run.resumed_state(ctx, model, optimizer)
     config = model.config
-    train_loader, val_loader = create_dataloaders(text, tokenizer, config.context_length, config.context_length,
-                                                  args.batch_size * ctx.world_size, train_fraction=0.9, seed=args.seed)
+    train_loader, val_loader, data_name = _loaders(ctx, config.context_length, tokenizer)
     ctx.check_same_config()
-    ctx.print(f"{text_path.name}: {len(train_loader)} training and {len(val_loader)} validation batches of "
+    ctx.print(f"{data_name}: {len(train_loader)} training and {len(val_loader)} validation batches of "
               f"{args.batch_size * ctx.world_size} x {config.context_length} tokens"
               + (f" ({ctx.world_size} processes x {args.batch_size})" if ctx.distributed is not None else ""))
     ctx.print(f"model: {source}, {count_parameters(model):,} parameters, backend {engine.get_backend().name} "

@@ -156,7 +156,7 @@ def parse_with_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -
 def resumed_state(ctx: RunContext, model: Any, optimizer: Any) -> TrainState | None:
     """With --resume: load the checkpoint's weights and optimizer into `model` / `optimizer` and
     return the loop state to continue from (None without --resume). The data position counts
-    global batches, so their size must stay."""
+    global batches, so their size and the number accumulated per step must stay."""
     checkpoint = ctx.resume
     if checkpoint is None:
         return None
@@ -166,6 +166,10 @@ def resumed_state(ctx: RunContext, model: Any, optimizer: Any) -> TrainState | N
         ctx.error(f"--resume: the run was saved with a global batch of {saved_world * saved_batch} ({saved_world} "
                   f"processes x {saved_batch}), this one has {ctx.world_size * ctx.args.batch_size} ({ctx.world_size}"
                   f" x {ctx.args.batch_size}): choose --batch-size so that processes x batch size stays")
+    saved_accum = checkpoint.extra["train_args"].get("grad_accum", 1)
+    if saved_accum != ctx.args.grad_accum:
+        ctx.error(f"--resume: the run was saved with --grad-accum {saved_accum}, this one has {ctx.args.grad_accum}: "
+                  "the data position counts accumulated batches, so keep it")
     model.load_state_dict(checkpoint.state_dict)
     optimizer.load_state_dict(checkpoint.optimizer_state)
     state = TrainState.from_dict(checkpoint.extra["train_state"])
@@ -197,7 +201,7 @@ def make_train_config(args: argparse.Namespace, sample_prompt: str | None = None
     """The loop's settings from the shared flags; `sample_prompt` is continued after each epoch."""
     return TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
                        grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-                       max_steps=args.max_steps, sample_prompt=sample_prompt)
+                       max_steps=args.max_steps, grad_accum=args.grad_accum, sample_prompt=sample_prompt)
 
 
 def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_loader: Any, config: TrainConfig, *,
