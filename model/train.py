@@ -7,6 +7,8 @@ loader, and a greedy continuation of "Every effort moves you" after each epoch. 
 writes the loss curve (``loss.png``), the history (``history.json``) and a checkpoint
 (``checkpoint.safetensors``, metadata in its header) to ``--out-dir``.
 
+``--init-from gpt2|...|DIR|CHECKPOINT`` continues pretraining from those weights (weights only: a
+fresh optimizer and step count; the model's config is the source's).
 ``--data DIR`` trains on a corpus tokenized once by ``python -m model.prepare_data`` instead,
 read through a memory map (random windows, or ``--sequential``), so it may be larger than memory.
 
@@ -35,6 +37,7 @@ from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training import run
 from model.training.cli import Recipe, add_training_command_arguments, command_parser
 from model.training.loop import TrainState, calc_loss_batch, perplexity
+from model.weights.hf import HF_MODELS
 
 RECIPE = Recipe(out_dir="runs/pretrain", epochs=10, batch_size=2, lr=4e-4, eval_interval=5, drop_rate=0.1,
                 start="random initialisation of gpt2-small at context length 256, as the book",
@@ -51,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "through a memory map) instead of --data-file")
     p.add_argument("--sequential", action="store_true",
                    help="with --data: consecutive windows in file order instead of random windows")
+    p.add_argument("--init-from", metavar="SOURCE", default=None,
+                   help="continued pretraining from these weights, with their config and a fresh optimizer: "
+                        f"{', '.join(HF_MODELS)} (downloaded from huggingface.co), a Hugging Face GPT-2 directory, "
+                        "or our checkpoint (a path, or a run's out-dir holding checkpoint.safetensors)")
     p.add_argument("--init", choices=INIT_SCHEMES, default="book",
                    help="weight init of a random model: 'book' = PyTorch's layer defaults, as the book's model "
                         "(reaches the book's losses); 'gpt2' = N(0, 0.02) weights and zero biases, as GPT-2")
@@ -64,9 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, checkpoint = run.parse_with_resume(parser, argv)
+    if args.init_from:
+        _resolve_init_from(parser, args)
     if args.sequential and not args.data:
         parser.error("--sequential applies to --data DIR only; --data-file batches are shuffled windows")
     return run.run_command(parser, args, _run, user_errors=(TokenFileError,), resume=checkpoint)
+
+
+def _resolve_init_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Turn --init-from into the start-model flag it means (--hf-model, --hf-dir or --checkpoint)."""
+    source = args.init_from
+    path = Path(source).expanduser()
+    if source in HF_MODELS:
+        flag, value = "hf_model", source
+    elif (path / "config.json").is_file():
+        flag, value = "hf_dir", str(path)
+    elif path.is_dir() and (path / "checkpoint.safetensors").is_file():
+        flag, value = "checkpoint", str(path / "checkpoint")
+    elif path.with_suffix(".safetensors").is_file() or path.is_file():
+        flag, value = "checkpoint", str(path)
+    else:
+        parser.error(f"--init-from {source}: not one of {', '.join(HF_MODELS)}, a Hugging Face GPT-2 directory "
+                     "(with config.json) or our checkpoint (PATH.safetensors, or a directory holding "
+                     "checkpoint.safetensors)")
+    others = [f"--{f.replace('_', '-')}" for f in ("checkpoint", "hf_model", "hf_dir", "preset")
+              if getattr(args, f) and (f, getattr(args, f)) != (flag, value)]
+    if others:
+        parser.error(f"--init-from names the start model; leave out {', '.join(others)}")
+    setattr(args, flag, value)
 
 
 def _read_text(data_file_arg: str, data_dir: str | None) -> tuple[str, Path]:

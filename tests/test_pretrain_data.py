@@ -7,6 +7,7 @@ Data comes from the data dir (the GPT-2 tokenizer files): export SCRATCHGPT_DATA
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,6 +27,8 @@ from model.data.windows import DataLoader, SlidingWindowDataset
 from model.gpt import GPTModel
 from model.tokenizers.gpt2 import encode_text, gpt2_tokenizer
 from model.training import loop as L
+from model.training.metrics import MetricsLog, read_metrics, tensorboard_writer
+from model.weights.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = np.array("the king and queen of a far land rode to war with their men at dawn".split())
@@ -110,6 +113,33 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "neither a file, a directory nor a matching glob" in capsys.readouterr().err
     assert train.main([*TINY_RUN, "--data", str(tmp_path), "--max-steps", "1", "--out-dir", str(tmp_path / "r")]) == 2
     assert "prepare the directory first with python -m model.prepare_data" in capsys.readouterr().err
+    for args, message in ((["--init-from", "gpt2", "--preset", "tiny"], "leave out --preset"),
+                          (["--init-from", str(tmp_path / "nothing")], "not one of gpt2, gpt2-medium"),
+                          (["--sequential"], "--sequential applies to --data DIR only")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_without_the_package_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--tensorboard", "--max-steps", "1"])
+    assert exit_info.value.code == 2 and "pip install tensorboard" in capsys.readouterr().err
+
+
+def test_metrics_reach_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    state = L.TrainState(step=1, tokens_seen=64, history=L.new_history())
+    state.history.update(step=[1], val_loss=[5.0], lr=[1e-3], grad_norm=[0.5])
+    log = MetricsLog(tmp_path / "metrics.csv", L.TrainState(), tensorboard=tensorboard_writer(tmp_path / "tb"))
+    log(state, 4.0)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [e.value for e in events.Scalars("val_loss")] == [5.0]
+    assert read_metrics(tmp_path / "metrics.csv")[0]["train_loss"] == "4"
 
 
 def test_random_windows_are_drawn_per_window_and_sequential_ones_follow_each_other(tmp_path):
@@ -161,15 +191,38 @@ def token_dir(tmp_path_factory) -> Path:
     return out / "data"
 
 
-def test_resume_with_data_is_exact(token_dir, tmp_path):
+def test_resume_with_data_is_exact_and_keeps_the_metrics(token_dir, tmp_path):
     run = [*TINY_RUN, "--data", str(token_dir), "--grad-accum", "2"]
     assert train.main([*run, "--max-steps", "4", "--out-dir", str(tmp_path / "full")]) == 0
     assert train.main([*run, "--max-steps", "2", "--out-dir", str(tmp_path / "part")]) == 0
+    with open(tmp_path / "part" / "metrics.csv", "a") as f:
+        f.write("3,999,1.0,,0.0004,1.0,1.0,99999\n")  # a step after the checkpoint, redone on resume
     assert train.main(["--resume", str(tmp_path / "part" / "checkpoint"), "--max-steps", "4"]) == 0
     full = json.loads((tmp_path / "full" / "history.json").read_text())
     resumed = json.loads((tmp_path / "part" / "history.json").read_text())
     assert len(full["step_loss"]) == 4 and full["step"] == [1, 3]
     assert resumed["step_loss"] == full["step_loss"] and resumed["val_loss"] == full["val_loss"]
+
+    rows = read_metrics(tmp_path / "part" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["tokens_seen"]) for r in rows] == [128, 256, 384, 512]  # 2 x 4 x 16 tokens per step
+    np.testing.assert_allclose([float(r["train_loss"]) for r in rows], full["step_loss"], rtol=1e-5)
+    np.testing.assert_allclose([float(r["val_loss"]) for r in rows if r["val_loss"]], full["val_loss"], rtol=1e-5)
+    np.testing.assert_allclose([float(r["grad_norm"]) for r in rows], resumed["grad_norm"], rtol=1e-5)
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[-1] < 99999 and all(float(r["tokens_per_s"]) > 0 for r in rows)
+    assert (tmp_path / "part" / "loss.png").stat().st_size > 10_000
+
+    # continued pretraining from the run: its weights and config, a fresh optimizer and step count
+    fresh = ["--batch-size", "4", "--eval-iters", "1", "--drop-rate", "0", "--backend", "numpy", "--no-progress",
+             "--no-sample", "--data", str(token_dir), "--max-steps", "1", "--lr", "1e-12",
+             "--out-dir", str(tmp_path / "cont")]
+    assert train.main([*fresh, "--init-from", str(tmp_path / "full")]) == 0
+    source = load_checkpoint(tmp_path / "full" / "checkpoint")
+    continued = load_checkpoint(tmp_path / "cont" / "checkpoint")
+    assert continued.config == source.config and continued.extra["train_state"]["step"] == 1
+    for name, weights in source.state_dict.items():  # lr 1e-12: one step leaves the weights as loaded
+        np.testing.assert_allclose(continued.state_dict[name], weights, atol=1e-7, err_msg=name)
 
 
 MEASURE = """
@@ -206,6 +259,7 @@ def test_memory_stays_flat_when_the_corpus_grows_tenfold(tmp_path):
         fit = peak_rss_mib("train", *TINY_RUN, "--data", str(out), "--max-steps", "2", "--out-dir",
                            str(tmp_path / f"run{documents}"))
         peaks[documents] = prepare, fit
+    print("peak RSS (MiB) of prepare_data, train --data:", peaks)
     (small_prepare, small_fit), (big_prepare, big_fit) = peaks[12], peaks[120]
     assert big_prepare - small_prepare < 15, peaks  # MiB
     assert big_fit - small_fit < 15, peaks

@@ -59,6 +59,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
     g.add_argument("--seed", type=int, default=123, help="seed of weight init, dropout and data order")
     g.add_argument("--out-dir", default=recipe.out_dir, help="where the checkpoint, plots and history go")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the per-step metrics as TensorBoard event files to OUT_DIR/tensorboard "
+                        "(needs the tensorboard package)")
     add_data_dir_argument(g)
     add_ddp_argument(g)
 

@@ -83,8 +83,8 @@ def generate_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int
 # --- training state and configuration ---
 def new_history() -> dict[str, list]:
     """Empty history: per evaluation ``step``, ``epoch``, ``tokens_seen``, ``train_loss``, ``val_loss``;
-    per optimizer step ``step_loss`` and ``lr``; per finished epoch ``samples``."""
-    keys = ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "step_loss", "lr", "samples")
+    per optimizer step ``step_loss``, ``lr`` and ``grad_norm`` (before clipping); per finished epoch ``samples``."""
+    keys = ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "step_loss", "lr", "grad_norm", "samples")
     return {k: [] for k in keys}
 
 
@@ -268,7 +268,9 @@ def train(
                         distributed.all_reduce_gradients(params)  # once per optimizer step
                     with guard.deferred():
                         if config.grad_clip is not None:
-                            optim.clip_grad_norm_(params, config.grad_clip)
+                            norm = optim.clip_grad_norm_(params, config.grad_clip)
+                        else:
+                            norm = optim.grad_norm(params)
                         optimizer.step()
                         if distributed is not None:
                             loss_value = distributed.average(loss_value)
@@ -276,6 +278,7 @@ def train(
                         state.tokens_seen += sum(math.prod(inputs.shape) for inputs, _ in micro_batches)
                         history["step_loss"].append(loss_value)
                         history["lr"].append(lr)
+                        history["grad_norm"].append(norm)
                         if (state.step - 1) % config.eval_interval == 0:
                             _evaluate_and_log(model, train_loader, val_loader, config, state, eval_loss_fn,
                                               steps_per_epoch, log)

@@ -11,8 +11,9 @@ process (data-parallel under torchrun) with the engine seeded, and turns a user 
 `start_model` loads the start model of the shared flags (the checkpoint's config when
 resuming), `make_optimizer` / `make_train_config` build AdamW and the loop's config,
 `resumed_state` loads a resumed run's weights, optimizer and loop state, `fit` runs
-`model.training.loop.train` (on Ctrl-C it saves through the command's save function, writes
-the history and returns None: exit 130), `save_run` is the one path to disk (LoRA adapters,
+`model.training.loop.train` with the per-step log (``metrics.csv``, model.training.metrics;
+on Ctrl-C it saves through the command's save function, writes the history and returns
+None: exit 130), `save_run` is the one path to disk (LoRA adapters,
 merge, checkpoint with the run's state and flags) and `write_history` writes history.json
 atomically with its loss plot.
 """
@@ -20,6 +21,7 @@ atomically with its loss plot.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from model.lora import lora_layers, merge_lora, save_lora
 from model.training.cli import Recipe, check_args
 from model.training.distributed import Distributed, run_maybe_distributed
 from model.training.loop import LossFn, TrainConfig, TrainingInterrupted, TrainState, log_line, train, under_autocast
+from model.training.metrics import TENSORBOARD_MISSING, MetricsLog, tensorboard_writer
 from model.training.plot import plot_losses
 from model.weights.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from model.weights.hf import HFDownloadError
@@ -109,6 +112,8 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body:
     """Check the flags, set the backend, and run ``body(ctx)`` in every process; its exit code.
     `resume`: the checkpoint `parse_with_resume` read."""
     check_args(parser, args)
+    if getattr(args, "tensorboard", False) and importlib.util.find_spec("tensorboard") is None:
+        parser.error(TENSORBOARD_MISSING)
     if args.backend:
         engine.set_backend(args.backend)
     backend = engine.get_backend()
@@ -213,9 +218,16 @@ def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_load
     state = state if state is not None else TrainState()
     if ctx.args.precision == "bf16":
         loss_fn = under_autocast(loss_fn)
+    metrics = open_metrics(ctx, state) if ctx.is_main else None
+    hooks = [hook for hook in (metrics, on_step) if hook is not None]
+
+    def after_step(st: TrainState, loss: float) -> None:
+        for hook in hooks:
+            hook(st, loss)
+
     try:
         train(model, optimizer, train_loader, val_loader, config, tokenizer=tokenizer, loss_fn=loss_fn, state=state,
-              save_fn=save, on_step=on_step, progress=ctx.progress, distributed=ctx.distributed)
+              save_fn=save, on_step=after_step, progress=ctx.progress, distributed=ctx.distributed)
     except TrainingInterrupted as stop:
         if ctx.is_main:
             write_history(ctx, stop.state.history)
@@ -223,7 +235,18 @@ def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_load
             print(f"\ninterrupted after step {stop.state.step}; checkpoint saved to {stop.checkpoint}{hint}",
                   file=sys.stderr)
         return None
+    finally:
+        if metrics is not None:
+            metrics.close()
     return state
+
+
+def open_metrics(ctx: RunContext, state: TrainState) -> MetricsLog:
+    """The run's metrics.csv log (continued from `state`), with TensorBoard event files in
+    ``<out-dir>/tensorboard`` under --tensorboard."""
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    writer = tensorboard_writer(ctx.out_dir / "tensorboard") if getattr(ctx.args, "tensorboard", False) else None
+    return MetricsLog(ctx.out_dir / "metrics.csv", state, tensorboard=writer)
 
 
 def save_run(ctx: RunContext, model: Any, state: TrainState, *, optimizer: Any = None, name: str = "checkpoint",
