@@ -264,5 +264,7 @@ def test_memory_stays_flat_when_the_corpus_grows_tenfold(tmp_path):
         peaks[documents] = prepare, fit
     print("peak RSS (MiB) of prepare_data, train --data:", peaks)
     (small_prepare, small_fit), (big_prepare, big_fit) = peaks[12], peaks[120]
-    assert big_prepare - small_prepare < 15, peaks  # MiB
+    # MiB; measured: +0.0 and +3 (a 2-core CPU). Holding the big corpus's uint16 ids alone would
+    # add 6 MiB to prepare_data; reading its token file into memory would add 90 MiB to train.
+    assert big_prepare - small_prepare < 5, peaks
     assert big_fit - small_fit < 15, peaks
