@@ -17,5 +17,5 @@ setup(
         "threadpoolctl>=3.1",
     ],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.56"],
-                    "tensorboard": ["tensorboard>=2.14"]},
+                    "tensorboard": ["tensorboard>=2.14", "torch>=2.4"]},
 )

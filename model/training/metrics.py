@@ -12,6 +12,7 @@ goes on counting elapsed time from there.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import os
 import time
@@ -21,8 +22,13 @@ from typing import Any
 from model.data.files import atomic_write
 
 COLUMNS = ("step", "tokens_seen", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
-TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard "
-                       "(or pip install -e '.[tensorboard]'), or leave out --tensorboard")
+TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard and torch packages (torch.utils.tensorboard writes the "
+                       "files): pip install -e '.[tensorboard]', or leave out --tensorboard")
+
+
+def tensorboard_available() -> bool:
+    """Whether `tensorboard_writer` can work: both packages are installed (checked without importing them)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("tensorboard", "torch"))
 
 
 def tensorboard_writer(log_dir: str | os.PathLike) -> Any:

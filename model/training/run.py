@@ -21,7 +21,6 @@ atomically with its loss plot.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from model.lora import lora_layers, merge_lora, save_lora
 from model.training.cli import Recipe, check_args
 from model.training.distributed import Distributed, run_maybe_distributed
 from model.training.loop import LossFn, TrainConfig, TrainingInterrupted, TrainState, log_line, train, under_autocast
-from model.training.metrics import TENSORBOARD_MISSING, MetricsLog, tensorboard_writer
+from model.training.metrics import TENSORBOARD_MISSING, MetricsLog, tensorboard_available, tensorboard_writer
 from model.training.plot import plot_losses
 from model.weights.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from model.weights.hf import HFDownloadError
@@ -112,7 +111,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body:
     """Check the flags, set the backend, and run ``body(ctx)`` in every process; its exit code.
     `resume`: the checkpoint `parse_with_resume` read."""
     check_args(parser, args)
-    if getattr(args, "tensorboard", False) and importlib.util.find_spec("tensorboard") is None:
+    if getattr(args, "tensorboard", False) and not tensorboard_available():
         parser.error(TENSORBOARD_MISSING)
     if args.backend:
         engine.set_backend(args.backend)
