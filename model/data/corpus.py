@@ -133,8 +133,7 @@ def _encoded_in_order(paths: list[Path], workers: int, data_dir: str | None) -> 
     # NOTE: spawn, not fork: the parent may hold threads (tqdm's monitor, torch) that fork copies badly.
     with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(data_dir,)) as pool:
         pending: deque = deque()
-        todo = iter(paths)
-        for path in todo:
+        for path in paths:
             pending.append(pool.apply_async(_encode_document, (path,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
@@ -174,7 +173,7 @@ def prepare_corpus(inputs: str | os.PathLike, out_dir: str | os.PathLike, *, val
             for doc, is_val, ids in zip(docs, to_val, encoded):
                 if one_document:
                     # NOTE: the end-of-text token stays with the validation part, which ends the document.
-                    split = len(ids) - max(int(round(val_fraction * len(ids))), 1 if val_fraction > 0 else 0)
+                    split = len(ids) - max(round(val_fraction * len(ids)), 1 if val_fraction > 0 else 0)
                     parts = (("train", train_f, ids[:split]), ("val", val_f, ids[split:]))
                 elif is_val:
                     parts = (("val", val_f, ids),)

@@ -5,11 +5,11 @@ of ``model.train --data``. Nothing is loaded up front: a batch reads its windows
 ``np.memmap`` pages, so a corpus larger than memory trains with flat memory. An epoch is
 as many windows as the split holds without overlap. Training batches are random windows
 (any start offset, nanoGPT's ``get_batch``), window i of an epoch drawn from
-``default_rng([seed, epoch, i])``,
-so the sampler needs no state beyond the loop's (epoch, batch), which the checkpoint keeps:
-resume is exact. With `sequential` (and always for validation) batch b holds the windows
-that follow each other from token ``b x batch_size x context_length``. Under torchrun the
-loaders yield global batches and each rank computes on its own slice: disjoint windows.
+``default_rng([seed, epoch, i])``, so the sampler needs no state beyond the loop's (epoch,
+batch), which the checkpoint keeps: resume is exact. With `sequential` (and always for
+validation) batch b holds the windows that follow each other from token
+``b x batch_size x context_length``. Under torchrun the loaders yield global batches and
+each rank computes on its own slice: disjoint windows.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the per-step metrics as TensorBoard event files to OUT_DIR/tensorboard "
-                        "(needs the tensorboard package)")
+                        "(needs the tensorboard and torch packages)")
     add_data_dir_argument(g)
     add_ddp_argument(g)
 

@@ -3,9 +3,10 @@
 `train` runs epochs of optimizer steps with warmup/cosine learning rates and gradient
 clipping (`TrainConfig`), each step accumulating the gradients of `grad_accum` loader
 batches (the update of one batch that many times larger), evaluates every `eval_interval`
-steps, samples after each epoch, and keeps its position in a `TrainState` (step, epoch, batch, RNG state, history) so a
-checkpoint of that state resumes with exactly the losses of an uninterrupted run. Ctrl-C
-during forward/backward stops at once; during the update it is deferred to the step's end
+steps, samples after each epoch, and keeps its position in a `TrainState` (step, epoch,
+batch, RNG state, history) so a checkpoint of that state resumes with exactly the losses
+of an uninterrupted run. Ctrl-C during forward/backward stops at once; during the update
+it is deferred to the step's end
 (`TrainingInterrupted` carries the last step boundary). `calc_loss_batch`,
 `calc_loss_loader` and `evaluate` are the book's evaluation helpers.
 """
