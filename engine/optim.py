@@ -18,8 +18,8 @@ class Optimizer:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError(f"{type(self).__name__}: got no parameters that require grad")
-        if lr < 0:
-            raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {lr}")
+        if not (_is_finite_number(lr) and lr >= 0):  # NaN would pass a plain `lr < 0`
+            raise ValueError(f"{type(self).__name__}: lr must be a finite number >= 0, got {lr}")
         self.lr = lr
         self.step_count = 0
 
@@ -145,16 +145,20 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:
     the gradients, a negative one flip them into gradient ascent)."""
     if not _is_finite_number(max_norm) or max_norm <= 0:
         raise ValueError(f"clip_grad_norm_: max_norm must be a finite number > 0, got {max_norm!r}")
-    backend = get_backend()
+    params = list(params)
+    total = grad_norm(params)
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = math.sqrt(sum(float(backend.sum(g * g)) for g in grads))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads:
             g *= coef
     return total
+
+
+def grad_norm(params: Iterable[Tensor]) -> float:
+    """The global L2 norm of the gradients (0.0 when none); inf or NaN when one holds such values."""
+    backend = get_backend()
+    return math.sqrt(sum(float(backend.sum(p.grad * p.grad)) for p in params if p.grad is not None))
 
 
 def _is_finite_number(x: Any) -> bool:

@@ -15,7 +15,7 @@ from model.data.datadir import DataFileNotFoundError, add_data_dir_argument
 from model.gpt import GPTModel
 from model.sampling import generate, ids_to_text, text_to_ids
 from model.tokenizers.gpt2 import gpt2_tokenizer
-from model.training.cli import command_parser
+from model.training.cli import check_args, command_parser
 from model.weights.checkpoint import CheckpointError
 from model.weights.hf import HF_MODELS, HFDownloadError
 from model.weights.start import load_start_model
@@ -63,7 +63,9 @@ def load_model(args: argparse.Namespace) -> GPTModel:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.backend:
         engine.set_backend(args.backend)
     try:

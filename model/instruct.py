@@ -31,7 +31,7 @@ from model.tasks.instruction import RESPONSES_FILE, generate_responses, load_ins
 from model.tasks.scoring import JudgeError, add_judge_arguments, score_entries, score_file
 from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training import run
-from model.training.cli import Recipe, add_training_command_arguments, command_parser
+from model.training.cli import Recipe, add_training_command_arguments, check_args, command_parser
 from model.training.loop import calc_loss_batch
 
 RECIPE = Recipe(out_dir="runs/instruct", epochs=2, batch_size=8, lr=5e-5, eval_interval=5, drop_rate=0.0,
@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, checkpoint = run.parse_with_resume(parser, argv)
     if args.evaluate:
+        check_args(parser, args)
         try:
             score_file(args.evaluate, **_judge(args))
         except (InstructionDataError, JudgeError) as err:
@@ -101,10 +102,8 @@ def _fine_tune(ctx: run.RunContext) -> int:
     start = time.perf_counter()
     config = run.make_train_config(args, None if args.no_sample else format_input(data.val_data[0]))
     state = run.fit(ctx, model, optimizer, data.train_loader, data.val_loader, config, loss_fn=calc_loss_batch,
-                    save=lambda st: run.save_run(ctx, model, st, optimizer=optimizer), state=state,
-                    tokenizer=tokenizer, resume_command="python -m model.instruct")
-    if state is None:
-        return 130
+                    save=lambda st, **kwargs: run.save_run(ctx, model, st, optimizer=optimizer, **kwargs),
+                    state=state, tokenizer=tokenizer, resume_command="python -m model.instruct")
     train_seconds = time.perf_counter() - start
     if not ctx.is_main:  # rank 0 alone saves, answers the test entries and scores them
         return 0

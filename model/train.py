@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import engine
 from model.config import INIT_SCHEMES
@@ -83,15 +84,13 @@ def _run(ctx: run.RunContext) -> int:
     ctx.print(f"model: {source}, {count_parameters(model):,} parameters, backend {engine.get_backend().name} "
               f"({args.precision})")
 
-    def save(st: TrainState) -> Path:
-        return run.save_run(ctx, model, st, optimizer=optimizer)
+    def save(st: TrainState, **kwargs: Any) -> Path:
+        return run.save_run(ctx, model, st, optimizer=optimizer, **kwargs)
 
     start = time.perf_counter()
     loop_config = run.make_train_config(args, None if args.no_sample else args.sample_prompt)
     state = run.fit(ctx, model, optimizer, train_loader, val_loader, loop_config, loss_fn=calc_loss_batch, save=save,
                     state=state, tokenizer=tokenizer, resume_command="python -m model.train")
-    if state is None:
-        return 130
     elapsed = time.perf_counter() - start
     if not ctx.is_main:
         # NOTE: rank 0 alone writes. No barrier: torchrun ends the job when every process has
