@@ -71,6 +71,8 @@ def predict_main(argv: list[str]) -> int:
                    help="engine backend (default: triton with a CUDA GPU, else numpy)")
     add_data_dir_argument(p)
     args = p.parse_args(argv)
+    if not args.text.strip():
+        p.error("the message is empty: give the text to classify, e.g. predict \"Call now to win\"")
     if args.backend:
         engine.set_backend(args.backend)
     try:

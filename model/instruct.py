@@ -28,7 +28,7 @@ from model.data.instructions import InstructionDataError, format_input
 from model.gpt import count_parameters
 from model.lora import apply_gpt_lora
 from model.tasks.instruction import RESPONSES_FILE, generate_responses, load_instruction_run
-from model.tasks.scoring import JudgeError, add_judge_arguments, score_entries, score_file
+from model.tasks.scoring import JudgeError, add_judge_arguments, require_judge, score_entries, score_file
 from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training import run
 from model.training.cli import Recipe, add_training_command_arguments, check_args, command_parser
@@ -118,7 +118,10 @@ def _fine_tune(ctx: run.RunContext) -> int:
     responses = generate_responses(model, tokenizer, data.test_data, args.max_new_tokens, ctx.progress)
     responses_path = write_json_atomic(ctx.out_dir / RESPONSES_FILE, responses)
     print(f"{len(responses)} test responses in {time.perf_counter() - start:.1f} s -> {responses_path}")
-    write_json_atomic(ctx.out_dir / "scores.json", score_entries(responses, **_judge(args)))
+    scored = score_entries(responses, **_judge(args))
+    write_json_atomic(ctx.out_dir / "scores.json", scored)
+    if args.judge:
+        require_judge(scored)
     return 0
 
 

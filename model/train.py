@@ -58,25 +58,35 @@ def main(argv: list[str] | None = None) -> int:
     return run.run_command(parser, args, _run, resume=checkpoint)
 
 
-def _read_text(data_file_arg: str, data_dir: str | None) -> tuple[str, Path]:
-    path = Path(data_file_arg).expanduser()
-    if not (path.is_absolute() or path.is_file()):
-        path = data_file(data_file_arg, data_dir)
-    return path.read_text(encoding="utf-8"), path
+def _read_text(ctx: run.RunContext) -> tuple[str, Path]:
+    """The text of --data-file: a path, or a name in the data dir."""
+    path = Path(ctx.args.data_file).expanduser()
+    if not (path.is_absolute() or path.exists()):
+        path = data_file(ctx.args.data_file, ctx.args.data_dir)
+    if not path.is_file():
+        ctx.error(f"--data-file {path}: {'a directory' if path.is_dir() else 'no such file'}, expected a text file")
+    try:
+        return path.read_text(encoding="utf-8"), path
+    except UnicodeDecodeError as err:
+        ctx.error(f"--data-file {path}: not UTF-8 text (byte {err.start}: {err.reason}): convert it to UTF-8")
 
 
 def _run(ctx: run.RunContext) -> int:
     args = ctx.args
     tokenizer = gpt2_tokenizer(args.data_dir)
-    text, text_path = _read_text(args.data_file, args.data_dir)
+    text, text_path = _read_text(ctx)
     model, source = run.start_model(ctx, RECIPE, qkv_bias=False, init=args.init)
     if args.lora_rank:
         ctx.print(apply_gpt_lora(model, args.lora_rank, args.lora_alpha))
     optimizer = run.make_optimizer(model, args)
     state = run.resumed_state(ctx, model, optimizer)
     config = model.config
-    train_loader, val_loader = create_dataloaders(text, tokenizer, config.context_length, config.context_length,
-                                                  args.batch_size * ctx.world_size, train_fraction=0.9, seed=args.seed)
+    try:
+        train_loader, val_loader = create_dataloaders(text, tokenizer, config.context_length, config.context_length,
+                                                      args.batch_size * ctx.world_size, train_fraction=0.9,
+                                                      seed=args.seed)
+    except ValueError as err:  # a text too short for the context length
+        ctx.error(f"--data-file {text_path}: {err}: use a longer text or a smaller --context-length")
     ctx.check_same_config()
     ctx.print(f"{text_path.name}: {len(train_loader)} training and {len(val_loader)} validation batches of "
               f"{args.batch_size * ctx.world_size} x {config.context_length} tokens"

@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 import engine
 from engine import optim
+from model.config import PRESETS
 from model.data.datadir import DataFileNotFoundError
 from model.data.files import write_json_atomic
 from model.gpt import GPTModel
@@ -54,8 +55,14 @@ from model.weights.checkpoint import Checkpoint, CheckpointError, checkpoint_pat
 from model.weights.hf import HFDownloadError
 from model.weights.start import load_start_model
 
+
+class RunError(Exception):
+    """A user mistake found while the run sets up (bad data, a checkpoint that does not fit):
+    `run_command` prints it as one ``error:`` line and returns 2."""
+
+
 # Errors that are the user's to fix (a path, a download, a file's content): one line, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, HFDownloadError, DataFileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, HFDownloadError, DataFileNotFoundError, RunError)
 # Flags that describe where a run reads and waits, not what it computes: they may differ
 # between the ranks of one run and are not restored on --resume.
 LOCAL_FLAGS = ("resume", "data_dir", "ddp_timeout", "no_progress", "overwrite")
@@ -116,8 +123,8 @@ class RunContext:
             log_line(message)
 
     def error(self, message: str) -> NoReturn:
-        """A user mistake found after parsing: ``usage``, one line, exit 2."""
-        self.parser.error(message)
+        """A user mistake found after parsing: one ``error:`` line, exit 2 (`RunError`)."""
+        raise RunError(message)
 
     def check_same_config(self) -> None:
         """Under torchrun: stop unless every rank got the same flags and backend."""
@@ -182,6 +189,17 @@ def parse_with_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -
     if not saved or "train_state" not in checkpoint.extra:
         parser.error(f"--resume {args.resume}: the checkpoint holds no training state (not written by "
                      f"{parser.prog})")
+    command = checkpoint.extra.get("command", parser.prog)
+    if command != parser.prog:
+        parser.error(f"--resume {args.resume}: that run was written by {command}: resume it with that command")
+    try:
+        if not isinstance(saved, dict):
+            raise TypeError(f"train_args is {type(saved).__name__}, not an object")
+        TrainState.from_dict(checkpoint.extra["train_state"])
+        int(checkpoint.extra.get("world_size", 1)) * int(saved["batch_size"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        parser.error(f"--resume {args.resume}: malformed run state in the checkpoint's metadata ({err!r}): "
+                     "resume from another checkpoint")
     if saved.get("lora_rank"):
         parser.error(f"--resume {args.resume}: a LoRA run is saved merged, so it cannot be resumed exactly")
     parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
@@ -205,8 +223,13 @@ def resumed_state(ctx: RunContext, model: Any, optimizer: Any) -> TrainState | N
         ctx.error(f"--resume: the run was saved with a global batch of {saved_world * saved_batch} ({saved_world} "
                   f"processes x {saved_batch}), this one has {ctx.world_size * ctx.args.batch_size} ({ctx.world_size}"
                   f" x {ctx.args.batch_size}): choose --batch-size so that processes x batch size stays")
-    model.load_state_dict(checkpoint.state_dict)
-    optimizer.load_state_dict(checkpoint.optimizer_state)
+    try:
+        model.load_state_dict(checkpoint.state_dict)
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+    except (KeyError, ValueError, TypeError) as err:
+        problem = str(err) if len(str(err)) < 200 else str(err)[:200] + " ..."
+        ctx.error(f"--resume {ctx.args.resume}: the checkpoint does not fit this command's model and optimizer "
+                  f"({problem}): resume it with the command that wrote it")
     state = TrainState.from_dict(checkpoint.extra["train_state"])
     ctx.print(f"resuming at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
     return state
@@ -223,6 +246,9 @@ def start_model(ctx: RunContext, recipe: Recipe, **config: Any) -> tuple[GPTMode
     if not (a.checkpoint or a.hf_model or a.hf_dir or a.preset):
         preset, hf_model = recipe.preset, recipe.hf_model
         context_length = recipe.context_length if context_length is None else context_length
+    if preset is not None and context_length is not None and context_length > PRESETS[preset].context_length:
+        ctx.error(f"--context-length {context_length} is beyond the {preset} preset's {PRESETS[preset].context_length}"
+                  f" tokens: choose at most {PRESETS[preset].context_length}")
     return load_start_model(checkpoint=a.checkpoint, hf_model=hf_model, hf_dir=a.hf_dir, preset=preset,
                             cache_dir=a.cache_dir, drop_rate=a.drop_rate, context_length=context_length, **config)
 
@@ -250,6 +276,9 @@ def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_load
     improves the validation loss. A stop raises `RunStopped`: after Ctrl-C / SIGTERM / a lost
     peer, once the last step is saved, the history written and `resume_command` printed with
     the flags that continue the run; after a NaN/inf loss or gradient with nothing saved."""
+    if len(train_loader) == 0:
+        ctx.error(f"too little training data for one batch of {ctx.args.batch_size * ctx.world_size}: use more data "
+                  "or a smaller --batch-size")
     state = state if state is not None else TrainState()
     if ctx.args.precision == "bf16":
         loss_fn = under_autocast(loss_fn)
@@ -312,7 +341,8 @@ def save_run(ctx: RunContext, model: Any, state: TrainState, *, optimizer: Any =
         model = model if final else copy.deepcopy(model)
         merge_lora(model)
         optimizer = None  # its state is the adapters', which merging folded away (no --resume of LoRA runs)
-    run = {"train_state": state.to_dict(), "train_args": ctx.run_args, "world_size": ctx.world_size}
+    run = {"train_state": state.to_dict(), "train_args": ctx.run_args, "world_size": ctx.world_size,
+           "command": ctx.parser.prog}
     return save_checkpoint(ctx.out_dir / name, model, model.config, optimizer, step=state.step,
                            extra=run | (extra or {}))
 
