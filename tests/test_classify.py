@@ -160,7 +160,7 @@ def test_short_run_beats_chance_and_writes_outputs(trained):
     history = json.loads((trained / "history.json").read_text())
     accuracy = history["final_accuracy"]
     assert accuracy["test"] > 0.7 and accuracy["val"] > 0.7, accuracy  # chance is 0.5 (balanced classes)
-    assert len(history["step_loss"]) == 20 and history["step"] == [1, 11]
+    assert len(history["step_loss"]) == 20 and history["step"] == [1, 11, 20]  # the last step is evaluated too
     for name in ("checkpoint.safetensors", "loss.png"):
         assert (trained / name).is_file()
     ckpt = load_checkpoint(trained / "checkpoint")
