@@ -322,8 +322,8 @@ def test_diverging_learning_rate_stops_with_exit_3_and_keeps_the_checkpoint(refe
 
     shutil.copy(reference / "checkpoint.safetensors", tmp_path)
     before = (tmp_path / "checkpoint.safetensors").read_bytes()
-    cmd = [sys.executable, "-m", "model.train", "--resume", str(tmp_path / "checkpoint"), "--lr", "1e3",
-           "--max-steps", "30", "--save-every", "1000"]  # no periodic save: what is on disk is the guard's doing
+    cmd = [sys.executable, "-m", "model.train", "--resume", str(tmp_path / "checkpoint"), "--out-dir", str(tmp_path),
+           "--lr", "1e3", "--max-steps", "30", "--save-every", "1000"]  # no periodic save: the disk is the guard's
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr
@@ -364,8 +364,9 @@ def test_full_disk_during_a_run_is_one_line_and_exit_2(verdict, tmp_path):
                           timeout=300, preexec_fn=limit_file_size)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"error: could not save checkpoint {tmp_path / 'checkpoint.safetensors'}: File too large; the previous")
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: could not save checkpoint {tmp_path / 'checkpoint.safetensors'}: "), line
+    assert "File too large" in line and "the previous checkpoint there (if any) is unchanged" in line
     assert not (tmp_path / "checkpoint.safetensors").exists()
 
 
