@@ -7,8 +7,9 @@ loader, and a greedy continuation of "Every effort moves you" after each epoch. 
 writes the loss curve (``loss.png``), the history (``history.json``) and a checkpoint
 (``checkpoint.safetensors``, metadata in its header) to ``--out-dir``.
 
-Ctrl-C saves a checkpoint that ``--resume`` continues with exactly the losses an
-uninterrupted run would have had. Launched by torchrun (``torchrun --nproc_per_node=N -m
+Ctrl-C or SIGTERM saves a checkpoint (``--save-every N``: every N steps too) that
+``--resume`` continues with exactly the losses an uninterrupted run would have had; a
+NaN/inf loss stops the run with exit code 3 and saves nothing (README: when things go wrong). Launched by torchrun (``torchrun --nproc_per_node=N -m
 model.train ...``) it trains data-parallel: ``--batch-size`` is then per process, so the run
 equals a one-process run with batch N x batch size; only rank 0 prints and writes.
 """

@@ -347,14 +347,14 @@ def test_instruct_with_lora_saves_adapters_and_a_merged_checkpoint(tmp_path):
 
 
 def test_resume_continues_a_run_exactly(tmp_path):
-    """--resume is shared: an instruct run stopped at step 2 and resumed ends with the losses of one run."""
+    """--resume is shared: an instruct run stopped at step 1 and resumed ends with the losses of one run."""
     common = ["--preset", "tiny", "--lr", "1e-3", "--batch-size", "2", "--eval-interval", "2", "--eval-iters", "1",
               "--max-length", "32", "--max-test-entries", "1", "--max-new-tokens", "1", "--no-sample", "--no-progress"]
-    assert instruct_main([*common, "--max-steps", "4", "--out-dir", str(tmp_path / "full")]) == 0
-    assert instruct_main([*common, "--max-steps", "2", "--out-dir", str(tmp_path / "part")]) == 0
-    assert instruct_main(["--resume", str(tmp_path / "part" / "checkpoint"), "--max-steps", "4"]) == 0
+    assert instruct_main([*common, "--max-steps", "3", "--out-dir", str(tmp_path / "full")]) == 0
+    assert instruct_main([*common, "--max-steps", "1", "--out-dir", str(tmp_path / "part")]) == 0
+    assert instruct_main(["--resume", str(tmp_path / "part" / "checkpoint"), "--max-steps", "3"]) == 0
     full, resumed = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("full", "part"))
-    assert len(resumed["step_loss"]) == 4
+    assert len(resumed["step_loss"]) == 3
     np.testing.assert_allclose(resumed["step_loss"], full["step_loss"], rtol=0, atol=1e-6)
-    assert resumed["step"] == full["step"] == [1, 3, 4]
+    assert resumed["step"] == full["step"] == [1, 3]
     np.testing.assert_allclose(resumed["val_loss"], full["val_loss"], rtol=0, atol=1e-6)
