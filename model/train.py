@@ -9,9 +9,10 @@ writes the loss curve (``loss.png``), the history (``history.json``) and a check
 
 Ctrl-C or SIGTERM saves a checkpoint (``--save-every N``: every N steps too) that
 ``--resume`` continues with exactly the losses an uninterrupted run would have had; a
-NaN/inf loss stops the run with exit code 3 and saves nothing (README: when things go wrong). Launched by torchrun (``torchrun --nproc_per_node=N -m
-model.train ...``) it trains data-parallel: ``--batch-size`` is then per process, so the run
-equals a one-process run with batch N x batch size; only rank 0 prints and writes.
+NaN/inf loss stops the run with exit code 3 and saves nothing (README: when things go
+wrong). Launched by torchrun (``torchrun --nproc_per_node=N -m model.train ...``) it
+trains data-parallel: ``--batch-size`` is then per process, so the run equals a
+one-process run with batch N x batch size; only rank 0 prints and writes.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ clipping (`TrainConfig`), evaluates every `eval_interval` steps, samples after e
 and keeps its position in a `TrainState` (step, epoch, batch, RNG state, history) so a
 checkpoint of that state resumes with exactly the losses of an uninterrupted run. Ctrl-C
 or SIGTERM during forward/backward stops at once; during the update it is deferred to the
-step's end (`TrainingInterrupted` carries the last step boundary; so does a failed collective
-under torchrun). A NaN/inf loss or gradient norm stops the run before the update
+step's end (`TrainingInterrupted` carries the last step boundary; `TrainingPeerLost`, for a
+failed collective under torchrun, too). A NaN/inf loss or gradient norm stops the run before the update
 (`TrainingDiverged`), so no non-finite weight is ever produced. `calc_loss_batch`,
 `calc_loss_loader` and `evaluate` are the book's evaluation helpers.
 """
@@ -139,14 +139,22 @@ class TrainState:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM (or a KeyboardInterrupt from a callback), or a failed collective under
-    torchrun stopped `train`; `state` is the last step boundary, which the model and optimizer
-    match, `checkpoint` what `save_fn` returned, `cause` the signal's name or the error's text,
-    and `exit_code` the process's (128 + signal number, 1 for a lost peer)."""
+    """Ctrl-C or SIGTERM (or a KeyboardInterrupt from a callback) stopped `train`; `state` is the
+    last step boundary, which the model and optimizer match, `checkpoint` what `save_fn`
+    returned, `cause` the signal's name and `exit_code` the process's (128 + signal number)."""
 
     def __init__(self, state: TrainState, checkpoint: Any = None, cause: str = "SIGINT", exit_code: int = 130):
         super().__init__(f"training interrupted ({cause}) after step {state.step}")
         self.state, self.checkpoint, self.cause, self.exit_code = state, checkpoint, cause, exit_code
+
+
+class TrainingPeerLost(DistributedError):
+    """Under torchrun a collective failed (a peer died or timed out): the DistributedError, with
+    the last step boundary `state` and what rank 0's `save_fn` returned for it (`checkpoint`)."""
+
+    def __init__(self, message: str, state: TrainState, checkpoint: Any = None):
+        super().__init__(message)
+        self.state, self.checkpoint = state, checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -235,7 +243,7 @@ def train(
     generator is set to its `rng_state` and training goes on at its epoch and batch.
     A sample of `config.sample_prompt` is generated after each epoch when `tokenizer` is given.
     On KeyboardInterrupt (Ctrl-C, SIGTERM) or a failed collective the state of the last step
-    boundary is handed to `save_fn` and `TrainingInterrupted` is raised; on a non-finite loss
+    boundary is handed to `save_fn` and `TrainingInterrupted` (`TrainingPeerLost`) is raised; on a non-finite loss
     or gradient norm `TrainingDiverged` is raised before the update and nothing is saved.
     `on_step(state, loss)` runs after every step (with signals deferred); `log` prints
     the evaluations and samples (default: above the progress bar). The last step is always
@@ -332,7 +340,7 @@ def train(
         # NOTE: a peer died or timed out; this rank's weights are still those of `state`
         # (every collective of a step comes before its update, or after its state is taken).
         checkpoint = save_fn(state) if save_fn is not None and is_main else None
-        raise TrainingInterrupted(state, checkpoint, str(err), 1) from err
+        raise TrainingPeerLost(str(err), state, checkpoint) from err
     finally:
         bar.close()
     return history

@@ -45,6 +45,7 @@ from model.training.loop import (
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
+    TrainingPeerLost,
     TrainState,
     log_line,
     train,
@@ -283,7 +284,7 @@ def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_load
     if ctx.args.precision == "bf16":
         loss_fn = under_autocast(loss_fn)
     every = getattr(ctx.args, "save_every", None)
-    last_step = len(train_loader) * config.epochs if config.max_steps is None else config.max_steps
+    last_step = min(len(train_loader) * config.epochs, config.max_steps or len(train_loader) * config.epochs)
     best = min((v for v in state.history["val_loss"] if math.isfinite(v)), default=math.inf)
 
     def after_step(st: TrainState, loss: float) -> None:
@@ -302,12 +303,15 @@ def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_load
     try:
         train(model, optimizer, train_loader, val_loader, config, tokenizer=tokenizer, loss_fn=loss_fn, state=state,
               save_fn=save, on_step=after_step, progress=ctx.progress, distributed=ctx.distributed)
-    except TrainingInterrupted as stop:
+    except (TrainingInterrupted, TrainingPeerLost) as stop:
         if ctx.is_main:
             write_history(ctx, stop.state.history)
-            print(f"\ninterrupted ({stop.cause}) after step {stop.state.step}; checkpoint saved to {stop.checkpoint}"
+            cause = stop.cause if isinstance(stop, TrainingInterrupted) else "a torchrun peer was lost"
+            print(f"\ninterrupted ({cause}) after step {stop.state.step}; checkpoint saved to {stop.checkpoint}"
                   + (f"\nresume with: {_resume_line(ctx, resume_command, stop.checkpoint)}" if resume_command else ""),
                   file=sys.stderr)
+        if isinstance(stop, TrainingPeerLost):
+            raise  # run_maybe_distributed prints the failed collective and exits 1
         raise RunStopped(stop.exit_code) from None
     except TrainingDiverged as err:
         if ctx.is_main:

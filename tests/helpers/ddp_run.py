@@ -4,7 +4,8 @@
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) each process takes its shard of every global batch.
 Rank 0 writes ``history.json`` and ``weights.npz`` to OUT_DIR. Random tokens over a 97-word
 vocabulary keep it fast; dropout is off so a shard sees what its rows see in the one-process run.
-Exit status 1 with ``error: ...`` on stderr when a collective fails.
+Exit status 1 with ``error: ...`` on stderr when a collective fails, after rank 0 wrote the
+state of the last completed step to ``saved-state.json``.
 """
 
 from __future__ import annotations
@@ -60,10 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             if state.step == args.hang_after_step:
                 time.sleep(3600)
 
+        def save(state) -> Path:  # what rank 0 saves when a peer is lost: the last completed step
+            path = Path(args.out_dir) / "saved-state.json"
+            path.write_text(json.dumps({"step": state.step, "step_loss": state.history["step_loss"]}))
+            return path
+
         if distributed is not None:
             distributed.check_same_config({"lr": args.lr, "global_batch": args.global_batch, "steps": args.steps})
         history = train(model, optimizer, train_loader, val_loader, config, progress=False, on_step=on_step,
-                        distributed=distributed, log=lambda message: None)
+                        save_fn=save, distributed=distributed, log=lambda message: None)
         if distributed is None or distributed.is_main:
             out = Path(args.out_dir)
             (out / "history.json").write_text(json.dumps(history))
