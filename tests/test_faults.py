@@ -431,3 +431,58 @@ def test_bad_inputs_are_one_line_and_exit_2(reference, verdict, tmp_path, capsys
     for main, argv, message in cases:
         line = user_error(main, argv, capsys)
         assert re.search(message if "\\(" in message else re.escape(message), line), (argv, line)
+
+
+def small_run(lr: float = 1e-2):
+    """A float32 GPT over a 97-token vocabulary and its loaders: a quick in-process loop."""
+    from model.data.windows import DataLoader, SlidingWindowDataset
+
+    engine.set_backend("numpy")
+    engine.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+    ids = np.random.default_rng(0).integers(0, 97, 8 * 20 + 1)
+    loaders = (DataLoader(SlidingWindowDataset(ids[:8 * 16 + 1], 8, 8), 4, seed=1),
+               DataLoader(SlidingWindowDataset(ids[8 * 16:], 8, 8), 4, shuffle=False, drop_last=False))
+    return model, engine.optim.AdamW(model.parameters(), lr=lr), loaders
+
+
+@pytest.mark.parametrize("bad, what", [(float("nan"), "loss"), (None, "gradient norm")])
+def test_the_guard_stops_before_a_non_finite_update(bad, what):
+    from model.training.loop import TrainConfig, TrainingDiverged, calc_loss_batch, train
+
+    model, optimizer, (train_loader, val_loader) = small_run()
+    weights = {}
+
+    def poisoned(inputs, targets, m):  # the third step's loss (or only its gradient norm) is non-finite
+        loss = calc_loss_batch(inputs, targets, m)
+        if len(weights) == 2:
+            # a finite loss (~1e21) whose gradient, 1e20 per wte entry, has a squared norm past float32
+            return loss * bad if what == "loss" else loss + (m.wte.weight * 1e20).sum()
+        return loss
+
+    def remember(state, loss):
+        weights[state.step] = {k: v.copy() for k, v in model.state_dict().items()}
+
+    saved = []
+    with pytest.raises(TrainingDiverged, match=rf"^the {what} is (nan|inf) at step 3 \(learning rate 0.01\): the run "
+                       r"diverged\. Likely causes: a learning rate too high"):
+        train(model, optimizer, train_loader, val_loader, TrainConfig(epochs=1, lr=1e-2, sample_prompt=None),
+              loss_fn=poisoned, on_step=remember, save_fn=saved.append, progress=False, log=lambda s: None)
+    assert saved == []  # nothing is saved for a diverged run
+    for name, value in model.state_dict().items():  # the weights are those of step 2, finite
+        np.testing.assert_array_equal(value, weights[2][name], err_msg=name)
+
+
+def test_the_library_rejects_what_the_flags_reject():
+    from model.sampling import generate
+
+    model, _, _ = small_run()
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got nan"):
+        engine.optim.AdamW(model.parameters(), lr=float("nan"))
+    for temperature in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            generate(model, np.array([[1, 2]]), 1, temperature=temperature)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        generate(model, np.array([[1, 2]]), 1, temperature=1.0, top_p=float("nan"))
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
+        engine.optim.clip_grad_norm_(model.parameters(), 0.0)
