@@ -224,14 +224,6 @@ TINY_TRAIN = ["--preset", "tiny", "--context-length", "16", "--batch-size", "4",
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_backend():
-    """The command runs below set the numpy backend; leave the process's backend as it was."""
-    name = engine.get_backend().name
-    yield
-    engine.set_backend(name)
-
-
 @pytest.fixture(scope="module")
 def verdict(tmp_path_factory) -> Path:
     from model.data.datadir import data_file
