@@ -18,8 +18,8 @@ class Optimizer:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError(f"{type(self).__name__}: got no parameters that require grad")
-        if lr < 0:
-            raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {lr}")
+        if not (_is_finite_number(lr) and lr >= 0):  # NaN would pass a plain `lr < 0`
+            raise ValueError(f"{type(self).__name__}: lr must be a finite number >= 0, got {lr}")
         self.lr = lr
         self.step_count = 0
 
@@ -140,7 +140,8 @@ class AdamW(Optimizer):
 
 
 def grad_norm(params: Iterable[Tensor]) -> float:
-    """The global L2 norm of the gradients of `params` (0.0 when none has one)."""
+    """The global L2 norm of the gradients of `params` (0.0 when none has one; inf or NaN when one
+    holds such values)."""
     backend = get_backend()
     return math.sqrt(sum(float(backend.sum(p.grad * p.grad)) for p in params if p.grad is not None))
 

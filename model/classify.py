@@ -76,6 +76,8 @@ def predict_main(argv: list[str]) -> int:
     add_backend_argument(p)
     add_data_dir_argument(p)
     args = p.parse_args(argv)
+    if not args.text.strip():
+        p.error("the message is empty: give the text to classify, e.g. predict \"Call now to win\"")
     if args.backend:
         engine.set_backend(args.backend)
     try:
@@ -142,15 +144,14 @@ def _train(ctx: run.RunContext) -> int:
     optimizer = run.make_optimizer(model, args)
     state = run.resumed_state(ctx, model, optimizer)
 
-    def save(state: TrainState, **extra: Any) -> Any:
-        return run.save_run(ctx, model, state, optimizer=optimizer, extra={"classifier": info, **extra})
+    def save(state: TrainState, accuracy: Any = None, **kwargs: Any) -> Any:
+        extra = {"classifier": info} | ({"accuracy": accuracy} if accuracy else {})
+        return run.save_run(ctx, model, state, optimizer=optimizer, extra=extra, **kwargs)
 
     train_start = time.perf_counter()
     state = run.fit(ctx, model, optimizer, data.train_loader, data.val_loader, run.make_train_config(args),
                     loss_fn=calc_loss_batch, save=save, state=state, on_step=after_step,
                     resume_command="python -m model.classify")
-    if state is None:
-        return 130
     train_time = time.perf_counter() - train_start
     final = {name: calc_accuracy_loader(loader, model) for name, loader in
              (("train", data.train_loader), ("val", data.val_loader), ("test", data.test_loader))}

@@ -23,7 +23,7 @@ from model.data.datadir import DataFileNotFoundError, add_data_dir_argument
 from model.gpt import GPTModel
 from model.sampling import generate
 from model.tokenizers.gpt2 import gpt2_tokenizer
-from model.training.cli import add_backend_argument, command_parser
+from model.training.cli import add_backend_argument, check_args, command_parser
 from model.weights.checkpoint import CheckpointError
 from model.weights.hf import HF_MODELS, HFDownloadError
 from model.weights.inference import InferenceModel, gpt2_inference, load_for_inference, load_hf_for_inference
@@ -88,6 +88,7 @@ def load_inference_model(args: argparse.Namespace) -> InferenceModel:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.best and not args.checkpoint:
         parser.error("--best needs --checkpoint RUN_DIR")
     if args.num_samples < 1:

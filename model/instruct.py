@@ -23,16 +23,18 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from model.data.files import write_json_atomic
 from model.data.instructions import InstructionDataError, format_input
 from model.gpt import count_parameters
 from model.lora import apply_gpt_lora
 from model.tasks.instruction import RESPONSES_FILE, generate_responses, load_instruction_run
-from model.tasks.scoring import JudgeError, add_judge_arguments, score_entries, score_file
+from model.tasks.scoring import JudgeError, add_judge_arguments, require_judge, score_entries, score_file
 from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training import run
-from model.training.cli import Recipe, add_training_command_arguments, command_parser
+from model.training.cli import Recipe, add_training_command_arguments, check_args, command_parser
 from model.training.loop import calc_loss_batch
 
 # The prompt format the model learns (model.tasks.chat), stored with it so chat and generate apply it.
@@ -66,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, checkpoint = run.parse_with_resume(parser, argv)
     if args.evaluate:
+        check_args(parser, args)
         try:
             score_file(args.evaluate, **_judge(args))
         except (InstructionDataError, JudgeError) as err:
@@ -103,11 +106,12 @@ def _fine_tune(ctx: run.RunContext) -> int:
 
     start = time.perf_counter()
     config = run.make_train_config(args, None if args.no_sample else format_input(data.val_data[0]))
+
+    def save(st: Any, **kwargs: Any) -> Path:
+        return run.save_run(ctx, model, st, optimizer=optimizer, extra=TEMPLATE, **kwargs)
+
     state = run.fit(ctx, model, optimizer, data.train_loader, data.val_loader, config, loss_fn=calc_loss_batch,
-                    save=lambda st: run.save_run(ctx, model, st, optimizer=optimizer, extra=TEMPLATE), state=state,
-                    tokenizer=tokenizer, resume_command="python -m model.instruct")
-    if state is None:
-        return 130
+                    save=save, state=state, tokenizer=tokenizer, resume_command="python -m model.instruct")
     train_seconds = time.perf_counter() - start
     if not ctx.is_main:  # rank 0 alone saves, answers the test entries and scores them
         return 0
@@ -122,7 +126,10 @@ def _fine_tune(ctx: run.RunContext) -> int:
     responses = generate_responses(model, tokenizer, data.test_data, args.max_new_tokens, ctx.progress)
     responses_path = write_json_atomic(ctx.out_dir / RESPONSES_FILE, responses)
     print(f"{len(responses)} test responses in {time.perf_counter() - start:.1f} s -> {responses_path}")
-    write_json_atomic(ctx.out_dir / "scores.json", score_entries(responses, **_judge(args)))
+    scored = score_entries(responses, **_judge(args))
+    write_json_atomic(ctx.out_dir / "scores.json", scored)
+    if args.judge:
+        require_judge(scored)
     return 0
 
 

@@ -17,7 +17,7 @@ from model.tasks.scoring import (
     add_judge_arguments,
     score_file,
 )
-from model.training.cli import command_parser
+from model.training.cli import check_args, command_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     try:
         score_file(args.file, args.out, judge=args.judge, judge_model=args.judge_model, ollama_url=args.ollama_url,
                    judge_timeout=args.judge_timeout, progress=not args.no_progress)

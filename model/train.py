@@ -12,10 +12,12 @@ fresh optimizer and step count; the model's config is the source's).
 ``--data DIR`` trains on a corpus tokenized once by ``python -m model.prepare_data`` instead,
 read through a memory map (random windows, or ``--sequential``), so it may be larger than memory.
 
-Ctrl-C saves a checkpoint that ``--resume`` continues with exactly the losses an
-uninterrupted run would have had. Launched by torchrun (``torchrun --nproc_per_node=N -m
-model.train ...``) it trains data-parallel: ``--batch-size`` is then per process, so the run
-equals a one-process run with batch N x batch size; only rank 0 prints and writes.
+Ctrl-C or SIGTERM saves a checkpoint (``--save-every N``: every N steps too) that
+``--resume`` continues with exactly the losses an uninterrupted run would have had; a
+NaN/inf loss stops the run with exit code 3 and saves nothing (README: when things go
+wrong). Launched by torchrun (``torchrun --nproc_per_node=N -m model.train ...``) it
+trains data-parallel: ``--batch-size`` is then per process, so the run equals a
+one-process run with batch N x batch size; only rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -101,11 +103,17 @@ def _resolve_init_from(parser: argparse.ArgumentParser, args: argparse.Namespace
     setattr(args, flag, value)
 
 
-def _read_text(data_file_arg: str, data_dir: str | None) -> tuple[str, Path]:
-    path = Path(data_file_arg).expanduser()
-    if not (path.is_absolute() or path.is_file()):
-        path = data_file(data_file_arg, data_dir)
-    return path.read_text(encoding="utf-8"), path
+def _read_text(ctx: run.RunContext) -> tuple[str, Path]:
+    """The text of --data-file: a path, or a name in the data dir."""
+    path = Path(ctx.args.data_file).expanduser()
+    if not (path.is_absolute() or path.exists()):
+        path = data_file(ctx.args.data_file, ctx.args.data_dir)
+    if not path.is_file():
+        ctx.error(f"--data-file {path}: {'a directory' if path.is_dir() else 'no such file'}, expected a text file")
+    try:
+        return path.read_text(encoding="utf-8"), path
+    except UnicodeDecodeError as err:
+        ctx.error(f"--data-file {path}: not UTF-8 text (byte {err.start}: {err.reason}): convert it to UTF-8")
 
 
 def _loaders(ctx: run.RunContext, context_length: int, tokenizer: Any) -> tuple[Any, Any, str]:
@@ -116,9 +124,12 @@ def _loaders(ctx: run.RunContext, context_length: int, tokenizer: Any) -> tuple[
         train_loader, val_loader = token_file_loaders(args.data, context_length, batch_size,
                                                       sequential=args.sequential, seed=args.seed)
         return train_loader, val_loader, str(args.data)
-    text, text_path = _read_text(args.data_file, args.data_dir)
-    train_loader, val_loader = create_dataloaders(text, tokenizer, context_length, context_length, batch_size,
-                                                  train_fraction=0.9, seed=args.seed)
+    text, text_path = _read_text(ctx)
+    try:
+        train_loader, val_loader = create_dataloaders(text, tokenizer, context_length, context_length, batch_size,
+                                                      train_fraction=0.9, seed=args.seed)
+    except ValueError as err:  # a text too short for the context length
+        ctx.error(f"--data-file {text_path}: {err}: use a longer text or a smaller --context-length")
     return train_loader, val_loader, text_path.name
 
 
@@ -139,15 +150,13 @@ def _run(ctx: run.RunContext) -> int:
     ctx.print(f"model: {source}, {count_parameters(model):,} parameters, backend {engine.get_backend().name} "
               f"({args.precision})")
 
-    def save(st: TrainState) -> Path:
-        return run.save_run(ctx, model, st, optimizer=optimizer)
+    def save(st: TrainState, **kwargs: Any) -> Path:
+        return run.save_run(ctx, model, st, optimizer=optimizer, **kwargs)
 
     start = time.perf_counter()
     loop_config = run.make_train_config(args, None if args.no_sample else args.sample_prompt)
     state = run.fit(ctx, model, optimizer, train_loader, val_loader, loop_config, loss_fn=calc_loss_batch, save=save,
                     state=state, tokenizer=tokenizer, resume_command="python -m model.train")
-    if state is None:
-        return 130
     elapsed = time.perf_counter() - start
     if not ctx.is_main:
         # NOTE: rank 0 alone writes. No barrier: torchrun ends the job when every process has

@@ -163,7 +163,7 @@ def test_short_run_beats_chance_and_writes_outputs(trained):
     history = json.loads((trained / "history.json").read_text())
     accuracy = history["final_accuracy"]
     assert accuracy["test"] > 0.7 and accuracy["val"] > 0.7, accuracy  # chance is 0.5 (balanced classes)
-    assert len(history["step_loss"]) == 20 and history["step"] == [1, 11]
+    assert len(history["step_loss"]) == 20 and history["step"] == [1, 11, 20]  # the last step is evaluated too
     for name in ("checkpoint.safetensors", "loss.png"):
         assert (trained / name).is_file()
     ckpt = load_checkpoint(trained / "checkpoint")
@@ -192,11 +192,15 @@ def test_predict_cli(trained, capsys):
 
 
 def test_lora_run_saves_adapters_and_a_merged_checkpoint(tmp_path):
+    # --save-every 1: the save after step 1 merges a copy, so step 2 still trains the adapters
     args = ["--preset", "tiny", "--lora-rank", "2", "--lora-alpha", "2", "--lr", "1e-3", "--max-steps", "2",
-            "--max-length", "8",
+            "--max-length", "8", "--save-every", "1", "--eval-interval", "1",
             "--batch-size", "64", "--out-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     assert (tmp_path / "lora.safetensors").is_file() and (tmp_path / "lora.json").is_file()
+    steps = [load_checkpoint(tmp_path / "best").step, load_checkpoint(tmp_path / "checkpoint").step]
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert steps == [1 + int(np.argmin(history["val_loss"])), 2] and history["step"] == [1, 2]
     model, info = load_classifier(tmp_path / "checkpoint")  # merged: plain Linear names
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert info["trained"] == "LoRA rank 2, alpha 2"

@@ -50,10 +50,20 @@ def test_help_shows_python_m_and_each_default_once(module, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lr", "0"], "--lr must be > 0, got 0.0"),
-    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
-    (["--grad-clip", "nan"], "--grad-clip must be > 0, got nan"),
-    (["--drop-rate", "1"], "--drop-rate must be below 1"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
+    (["--epochs", "0"], "--epochs must be a finite number >= 1, got 0"),
+    (["--max-steps", "0"], "--max-steps must be a finite number >= 1, got 0"),
+    (["--save-every", "0"], "--save-every must be a finite number >= 1, got 0"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number > 0, got nan"),
+    (["--grad-clip", "-1"], "--grad-clip must be a finite number > 0, got -1.0"),
+    (["--min-lr", "-1"], "--min-lr must be a finite number >= 0, got -1.0"),
+    (["--lr", "1e-3", "--min-lr", "2e-3"], "--min-lr must be <= 0.001 (the --lr given), got 0.002"),
+    (["--drop-rate", "1"], "--drop-rate must be below 1, got 1.0"),
+    (["--drop-rate", "-0.5"], "--drop-rate must be a finite number >= 0, got -0.5"),
     (["--hf-dir", "d", "--context-length", "8"], "--context-length only applies to random initialisation"),
 ])
 def test_numeric_flags_are_checked_in_one_place(flags, message, capsys):
@@ -62,6 +72,27 @@ def test_numeric_flags_are_checked_in_one_place(flags, message, capsys):
         with pytest.raises(SystemExit) as info:
             check_args(parser, parser.parse_args(flags))
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
+    (["--top-p", "0"], "--top-p must be a finite number > 0, got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be <= 1, got 1.5"),
+    (["--top-k", "0"], "--top-k must be a finite number >= 1, got 0"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be a finite number >= 0, got -1"),
+])
+def test_sampling_flags_of_generate_are_checked_at_parse_time(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        generate.main(flags)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_judge_timeout_of_score_responses_is_checked_at_parse_time(capsys):
+    with pytest.raises(SystemExit) as info:
+        score_responses.main(["x.json", "--judge-timeout", "nan"])
+    assert info.value.code == 2 and "--judge-timeout must be a finite number > 0, got nan" in capsys.readouterr().err
 
 
 def test_a_preset_brings_its_context_length(tmp_path):

@@ -105,6 +105,8 @@ def test_a_killed_rank_ends_the_job_with_a_clear_error(tmp_path):
     assert [r.returncode for r in results] == [1, 1]
     assert "rank 0 of 2: all_reduce" in results[0].stderr and "Another rank probably died" in results[0].stderr
     assert not (tmp_path / "history.json").exists()
+    saved = json.loads((tmp_path / "saved-state.json").read_text())  # rank 0 saved the last completed step
+    assert saved["step"] == 1 and len(saved["step_loss"]) == 1
 
 
 def test_a_stuck_rank_times_out_instead_of_hanging(tmp_path):
@@ -113,6 +115,7 @@ def test_a_stuck_rank_times_out_instead_of_hanging(tmp_path):
                         wait_for=1)
     assert results[0].returncode == 1, results[0].stderr
     assert "rank 0 of 2" in results[0].stderr and "timeout 4 s" in results[0].stderr
+    assert json.loads((tmp_path / "saved-state.json").read_text())["step"] == 2
     assert time.perf_counter() - start < 45
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -185,6 +186,22 @@ class _FakeOllama(BaseHTTPRequestHandler):
         if body["model"] == "missing":
             self._send(404, json.dumps({"error": "model 'missing' not found"}).encode())
             return
+        if body["model"] == "latin1":  # a reply that is not UTF-8
+            self._send(200, json.dumps({"message": {"content": "caf_"}, "done": True}).replace("_", "\xe9")
+                       .encode("latin-1"), "application/x-ndjson")
+            return
+        if body["model"] == "trickle":  # a byte every 50 ms, never finishing: only a total deadline stops it
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()
+            try:
+                for _ in range(200):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:  # the client gave up
+                pass
+            return
         reply = self.replies[(len(self.requests) - 1) % len(self.replies)]
         # streamed as Ollama does: one JSON object per line, the reply split over chunks
         chunks = [reply[:1], reply[1:]]
@@ -247,7 +264,21 @@ def test_judge_scores_through_the_chat_api(fake_ollama):
         query_ollama("hi", model="missing", url=fake_ollama + "/api/chat")
 
 
-def test_judge_unreachable_is_skipped_with_a_clear_message():
+def test_judge_errors_are_one_clear_line(fake_ollama, tmp_path, capsys):
+    with pytest.raises(JudgeError, match=r"sent a reply that is not UTF-8: b'{\"message\": {\"content\": \"caf\\xe9"):
+        query_ollama("hi", model="latin1", url=fake_ollama)
+    start = time.monotonic()
+    with pytest.raises(JudgeError, match=r"no complete reply within --judge-timeout 0.5 s \(the reply took longer"):
+        query_ollama("hi", model="trickle", url=fake_ollama, timeout=0.5)
+    assert time.monotonic() - start < 3  # the trickle would last 10 s
+    responses = tmp_path / "responses.json"
+    responses.write_text(json.dumps(_entries()))
+    assert score_main([str(responses), "--judge", "--judge-model", "latin1", "--ollama-url", fake_ollama,
+                       "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("error: Ollama at http://127.0.0.1:")
+
+
+def test_judge_unreachable_is_skipped_with_a_clear_message_and_fails_the_command(tmp_path, capsys):
     with socket.socket() as s:  # a port nobody listens on once this closes
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -258,6 +289,13 @@ def test_judge_unreachable_is_skipped_with_a_clear_message():
     assert logs[0] == (f"no Ollama server reachable at {url} — skipping LLM-as-judge; start one with `ollama serve` "
                        "and pull the model (`ollama pull llama3`)")
     assert "judge" not in scored["summary"]
+    responses = tmp_path / "responses.json"
+    responses.write_text(json.dumps(_entries()))
+    out = tmp_path / "scores.json"
+    assert score_main([str(responses), "--judge", "--ollama-url", url, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --judge: no judge answered (no Ollama server reachable); the other scores were written"
+    assert json.loads(out.read_text())["summary"]["rouge_l"]["count"] == 2
 
 
 # --- the commands end to end ---
@@ -307,3 +345,17 @@ def test_instruct_with_lora_saves_adapters_and_a_merged_checkpoint(tmp_path):
     model, _ = load_model_from_checkpoint(out / "checkpoint")  # merged: plain GPT-2 names
     assert "h.0.attn.c_attn.weight" in model.state_dict()
     assert len(json.loads((out / "instruction-data-with-response.json").read_text())) == 1
+
+
+def test_resume_continues_a_run_exactly(tmp_path):
+    """--resume is shared: an instruct run stopped at step 1 and resumed ends with the losses of one run."""
+    common = ["--preset", "tiny", "--lr", "1e-3", "--batch-size", "2", "--eval-interval", "2", "--eval-iters", "1",
+              "--max-length", "32", "--max-test-entries", "1", "--max-new-tokens", "1", "--no-sample", "--no-progress"]
+    assert instruct_main([*common, "--max-steps", "3", "--out-dir", str(tmp_path / "full")]) == 0
+    assert instruct_main([*common, "--max-steps", "1", "--out-dir", str(tmp_path / "part")]) == 0
+    assert instruct_main(["--resume", str(tmp_path / "part" / "checkpoint"), "--max-steps", "3"]) == 0
+    full, resumed = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("full", "part"))
+    assert len(resumed["step_loss"]) == 3
+    np.testing.assert_allclose(resumed["step_loss"], full["step_loss"], rtol=0, atol=1e-6)
+    assert resumed["step"] == full["step"] == [1, 3]
+    np.testing.assert_allclose(resumed["val_loss"], full["val_loss"], rtol=0, atol=1e-6)

@@ -98,6 +98,8 @@ def classify_text(model: GPTClassifier, tokenizer: Any, text: str, max_length: i
     and right-padded with ``pad_token_id`` to ``max_length``, as the training data was."""
     if max_length > model.config.context_length:
         raise ValueError(f"max_length {max_length} exceeds the model's context length {model.config.context_length}")
+    if not text.strip():  # the pooled last token would be padding: the answer would mean nothing
+        raise ValueError("the message is empty: give the text to classify")
     ids, _ = encode_message(tokenizer, text, max_length, pad_token_id, warn=True)
     with model.evaluating(), engine.no_grad():
         probs = model(ids[None, :])[:, -1, :].softmax(-1).numpy()[0]  # (C,)

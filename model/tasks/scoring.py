@@ -20,11 +20,12 @@ import argparse
 import json
 import re
 import string
+import time
 import unicodedata
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,9 @@ def unreachable_message(url: str, model: str) -> str:
 def query_ollama(prompt: str, model: str = DEFAULT_JUDGE_MODEL, url: str = DEFAULT_OLLAMA_URL,
                  timeout: float = 300.0) -> str:
     """The reply of `model` to one user message, via Ollama's streamed ``/api/chat``
-    (deterministic: seed 123, temperature 0, context 2048, as the book)."""
+    (deterministic: seed 123, temperature 0, context 2048, as the book). `timeout` bounds the
+    whole request, so a server that trickles bytes cannot hang it; a timeout, a dropped
+    connection or a reply that is not UTF-8 JSON raise `JudgeError`."""
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -155,15 +158,16 @@ def query_ollama(prompt: str, model: str = DEFAULT_JUDGE_MODEL, url: str = DEFAU
         _base_url(url) + "/api/chat", data=json.dumps(payload).encode("utf-8"), method="POST",
         headers={"Content-Type": "application/json"},
     )
-    reply = []
+    deadline = time.monotonic() + timeout
+    reply: list[str] = []
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            for raw in response:
-                line = raw.decode("utf-8").strip()
-                if not line:
-                    continue
+            for line in _lines_until(response, deadline, timeout):
                 try:
-                    message = json.loads(line)
+                    message = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise JudgeError(f"Ollama at {_base_url(url)} sent a reply that is not UTF-8: {line[:200]!r}") \
+                        from None
                 except json.JSONDecodeError:
                     raise JudgeError(f"Ollama sent a line that is not JSON: {line[:200]!r}") from None
                 if "error" in message:
@@ -179,7 +183,27 @@ def query_ollama(prompt: str, model: str = DEFAULT_JUDGE_MODEL, url: str = DEFAU
             pass
         raise JudgeError(f"Ollama at {_base_url(url)} answered HTTP {err.code}: {body} "
                          f"(is the model pulled? `ollama pull {model}`)") from None
+    except (urllib.error.URLError, OSError) as err:  # timeouts are OSErrors
+        raise JudgeError(f"Ollama at {_base_url(url)}: no complete reply within --judge-timeout {timeout:g} s "
+                         f"({getattr(err, 'reason', err)})") from None
     return "".join(reply)
+
+
+def _lines_until(response: Any, deadline: float, timeout: float) -> Iterator[bytes]:
+    """The non-empty lines of a streamed HTTP body; TimeoutError once `deadline` (monotonic) passes.
+    NOTE: read1 returns whatever has arrived, so the deadline is checked however slowly bytes come."""
+    buffer = b""
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the reply took longer than {timeout:g} s")
+        chunk = response.read1(65536)
+        if not chunk:
+            break
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from (line.strip() for line in lines if line.strip())
+    if buffer.strip():
+        yield buffer.strip()
 
 
 def parse_score(reply: str) -> int | None:
@@ -279,12 +303,26 @@ def score_entries(entries: Sequence[dict[str, Any]], judge: bool = False, judge_
     return {"summary": summary, "entries": scored}
 
 
+def require_judge(scored: dict[str, Any]) -> None:
+    """After `score_entries` with ``judge=True``: raise `JudgeError` when no judge score came
+    back (server unreachable, or no reply held a score), so the command does not exit 0."""
+    judge = scored["summary"].get("judge")
+    if judge is None:
+        raise JudgeError("--judge: no judge answered (no Ollama server reachable); the other scores were written")
+    if judge["count"] == 0 and scored["entries"]:
+        raise JudgeError(f"--judge: none of the {judge['unparseable']} judge replies held a 0-100 score; the other "
+                         "scores were written")
+
+
 def score_file(path: str | Path, out: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
-    """`score_entries` on a responses JSON file; writes the scores JSON to `out` if given."""
+    """`score_entries` on a responses JSON file; writes the scores JSON to `out` if given, then
+    `require_judge` when the judge was asked for."""
     entries = read_json_entries(path, required=RESPONSE_FIELDS)
     scored = score_entries(entries, **kwargs)
     if out is not None:
         write_json_atomic(out, scored)
+    if kwargs.get("judge"):
+        require_judge(scored)
     return scored
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
     add_backend_argument(g)
     g.add_argument("--seed", type=int, default=123, help="seed of weight init, dropout and data order")
     g.add_argument("--out-dir", default=recipe.out_dir, help="where the checkpoint, plots and history go")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even if --out-dir holds the checkpoint of another run (replacing it)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the per-step metrics as TensorBoard event files to OUT_DIR/tensorboard "
@@ -121,6 +124,9 @@ def add_optimization_arguments(parser: argparse.ArgumentParser, recipe: Recipe) 
     g.add_argument("--eval-interval", type=int, default=recipe.eval_interval,
                    help="evaluate train/val loss every this many steps (after steps 1, 1+k, ...)")
     g.add_argument("--eval-iters", type=int, default=recipe.eval_iters, help="batches per loader in each evaluation")
+    g.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="also save the checkpoint every N steps, and the one of the best validation loss so far "
+                        "as best.safetensors (default: only at the end, on Ctrl-C/SIGTERM)")
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="compute precision; bf16 needs the triton backend")
     add_resume_argument(g)
@@ -150,30 +156,44 @@ def add_training_command_arguments(parser: argparse.ArgumentParser, recipe: Reci
 
 # --- validation ---
 # (flag, smallest allowed value, whether the bound is included); a flag a command lacks, or
-# left at None ("not given"), is skipped.
+# left at None ("not given"), is skipped. Every value must also be finite.
 NUMERIC_LIMITS: tuple[tuple[str, float, bool], ...] = (
     ("epochs", 1, True), ("max_steps", 1, True), ("batch_size", 1, True), ("grad_accum", 1, True),
     ("eval_interval", 1, True),
     ("eval_iters", 1, True), ("context_length", 1, True), ("warmup_steps", 0, True), ("lora_rank", 0, True),
     ("lr", 0, False), ("weight_decay", 0, True), ("min_lr", 0, True), ("grad_clip", 0, False),
-    ("lora_alpha", 0, False), ("drop_rate", 0, True), ("ddp_timeout", 0, False),
+    ("lora_alpha", 0, False), ("drop_rate", 0, True), ("ddp_timeout", 0, False), ("save_every", 1, True),
     # command flags that only some commands have
     ("max_length", 1, True), ("max_test_entries", 1, True), ("max_new_tokens", 0, True), ("judge_timeout", 0, False),
+    ("temperature", 0, True), ("top_k", 1, True), ("top_p", 0, False),
+)
+# (flag, the flag or number it may not exceed, whether equal is allowed)
+UPPER_LIMITS: tuple[tuple[str, str | float, bool], ...] = (
+    ("drop_rate", 1, False), ("top_p", 1, True), ("min_lr", "lr", True),
 )
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                limits: tuple[tuple[str, float, bool], ...] = NUMERIC_LIMITS) -> None:
-    """Every numeric flag against its limit, and the start model's flags against each other."""
+    """Every numeric flag against its limits, and the start model's flags against each other."""
     for name, low, inclusive in limits:
         value: Any = getattr(args, name, None)
         if value is None:
             continue
-        if value < low or (value == low and not inclusive) or value != value:  # NaN fails too
-            relation = ">=" if inclusive else ">"
-            parser.error(f"--{name.replace('_', '-')} must be {relation} {low:g}, got {value}")
-    if getattr(args, "drop_rate", 0) >= 1:
-        parser.error(f"--drop-rate must be below 1, got {args.drop_rate}")
+        relation = ">=" if inclusive else ">"
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):  # NaN fails too
+            parser.error(f"{_flag(name)} must be a finite number {relation} {low:g}, got {value}")
+    for name, high, inclusive in UPPER_LIMITS:
+        value, bound = getattr(args, name, None), getattr(args, high, None) if isinstance(high, str) else high
+        if value is None or bound is None or value < bound or (value == bound and inclusive):
+            continue
+        relation = "<=" if inclusive else "below"
+        of = f" (the {_flag(high)} given)" if isinstance(high, str) else ""
+        parser.error(f"{_flag(name)} must be {relation} {bound:g}{of}, got {value}")
     if getattr(args, "context_length", None) is not None and (args.checkpoint or args.hf_model or args.hf_dir):
         parser.error("--context-length only applies to random initialisation (--preset); a pretrained model "
                      "keeps its context length")
+
+
+def _flag(dest: str) -> str:
+    return f"--{dest.replace('_', '-')}"

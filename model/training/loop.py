@@ -3,11 +3,13 @@
 `train` runs epochs of optimizer steps with warmup/cosine learning rates and gradient
 clipping (`TrainConfig`), each step accumulating the gradients of `grad_accum` loader
 batches (the update of one batch that many times larger), evaluates every `eval_interval`
-steps, samples after each epoch, and keeps its position in a `TrainState` (step, epoch,
-batch, RNG state, history) so a checkpoint of that state resumes with exactly the losses
-of an uninterrupted run. Ctrl-C during forward/backward stops at once; during the update
-it is deferred to the step's end
-(`TrainingInterrupted` carries the last step boundary). `calc_loss_batch`,
+steps and at the last, samples after each epoch, and keeps its position in a `TrainState`
+(step, epoch, batch, RNG state, history) so a checkpoint of that state resumes with exactly
+the losses of an uninterrupted run. Ctrl-C or SIGTERM during forward/backward stops at once;
+during the update it is deferred to the step's end (`TrainingInterrupted` carries the last
+step boundary; `TrainingPeerLost`, for a failed collective under torchrun, too). A NaN/inf
+loss or gradient norm stops the run before the update (`TrainingDiverged`), so no non-finite
+weight is ever produced. `calc_loss_batch`,
 `calc_loss_loader` and `evaluate` are the book's evaluation helpers.
 """
 
@@ -27,7 +29,7 @@ from tqdm import tqdm
 import engine
 from engine import optim
 from model.sampling import generate, ids_to_text, text_to_ids
-from model.training.distributed import Distributed, counted_targets
+from model.training.distributed import Distributed, DistributedError, counted_targets
 
 LossFn = Callable[[Any, Any, Any], "engine.Tensor"]
 
@@ -138,45 +140,71 @@ class TrainState:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or a KeyboardInterrupt from a callback) stopped `train`; `state` is the last step
-    boundary, which the model and optimizer match, and `checkpoint` what `save_fn` returned."""
+    """Ctrl-C or SIGTERM (or a KeyboardInterrupt from a callback) stopped `train`; `state` is the
+    last step boundary, which the model and optimizer match, `checkpoint` what `save_fn`
+    returned, `cause` the signal's name and `exit_code` the process's (128 + signal number)."""
 
-    def __init__(self, state: TrainState, checkpoint: Any = None):
-        super().__init__(f"training interrupted after step {state.step}")
+    def __init__(self, state: TrainState, checkpoint: Any = None, cause: str = "SIGINT", exit_code: int = 130):
+        super().__init__(f"training interrupted ({cause}) after step {state.step}")
+        self.state, self.checkpoint, self.cause, self.exit_code = state, checkpoint, cause, exit_code
+
+
+class TrainingPeerLost(DistributedError):
+    """Under torchrun a collective failed (a peer died or timed out): the DistributedError, with
+    the last step boundary `state` and what rank 0's `save_fn` returned for it (`checkpoint`)."""
+
+    def __init__(self, message: str, state: TrainState, checkpoint: Any = None):
+        super().__init__(message)
         self.state, self.checkpoint = state, checkpoint
 
 
-class _InterruptGuard:
-    """SIGINT handling for the training loop.
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm was NaN/inf: `train` stopped before that step's update,
+    so the model and optimizer are still those of `state` and nothing was saved."""
 
-    During the forward and backward pass Ctrl-C raises at once: the model and optimizer are
+    def __init__(self, state: TrainState, what: str, value: float, lr: float):
+        super().__init__(
+            f"the {what} is {value} at step {state.step + 1} (learning rate {lr:.3g}): the run diverged. Likely "
+            "causes: a learning rate too high (lower --lr, add --warmup-steps or --grad-clip) or bad data")
+        self.state, self.what, self.value = state, what, value
+
+
+class _InterruptGuard:
+    """SIGINT and SIGTERM handling for the training loop (SIGTERM is what schedulers, `timeout`
+    and torchrun send; it is treated as Ctrl-C).
+
+    During the forward and backward pass the signal raises at once: the model and optimizer are
     still those of the last step boundary, so that step is simply redone on resume. During
-    the update, evaluation and sampling it is deferred to the end of the step, so a
-    checkpoint never holds a half-applied optimizer step.
+    the update, evaluation, sampling and the step callback it is deferred to the end of the
+    step, so a checkpoint never holds a half-applied optimizer step.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log: Callable[[str], None]):
         self.log = log
         self.critical = False
         self.pending = False
-        self._previous: Any = None
+        self.signum = signal.SIGINT  # the signal that stopped the run
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _InterruptGuard:
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+            self._previous = {}
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
         if not self.critical:
             raise KeyboardInterrupt
         if not self.pending:
-            self.log("Ctrl-C: stopping after this step")
+            self.log(f"{signal.Signals(signum).name}: stopping after this step")
         self.pending = True
 
     @contextlib.contextmanager
@@ -215,9 +243,12 @@ def train(
     `state` (updated in place at every step boundary) continues an earlier run: the engine
     generator is set to its `rng_state` and training goes on at its epoch and batch.
     A sample of `config.sample_prompt` is generated after each epoch when `tokenizer` is given.
-    On KeyboardInterrupt the state of the last step boundary is handed to `save_fn` and
-    `TrainingInterrupted` is raised. `on_step(state, loss)` runs after every step; `log` prints
-    the evaluations and samples (default: above the progress bar).
+    On KeyboardInterrupt (Ctrl-C, SIGTERM) or a failed collective the state of the last step
+    boundary is handed to `save_fn` and `TrainingInterrupted` (`TrainingPeerLost`) is raised; on a non-finite loss
+    or gradient norm `TrainingDiverged` is raised before the update and nothing is saved.
+    `on_step(state, loss)` runs after every step (with signals deferred); `log` prints
+    the evaluations and samples (default: above the progress bar). The last step is always
+    evaluated, so a run's final losses are those of its final weights.
 
     With `distributed` (model.training.distributed) the run is data-parallel: the loaders yield global
     batches, each rank computes the loss on its shard, gradients are averaged before clipping,
@@ -251,12 +282,14 @@ def train(
     if state.rng_state is not None:
         backend.set_rng_state(state.rng_state)
     state.rng_state = backend.rng_state()
+    _drop_final_evaluation(history, state.step, config.eval_interval, last_step)
 
     model.train()
     bar = tqdm(total=last_step, initial=min(state.step, last_step), unit="step", disable=not (progress and is_main),
                dynamic_ncols=True)
+    guard = _InterruptGuard(log)
     try:
-        with _InterruptGuard(log) as guard:
+        with guard:
             while state.epoch < config.epochs and state.step < last_step:
                 train_loader.set_epoch(state.epoch, state.batch * accum)
                 for micro_batches in _step_groups(train_loader, accum):
@@ -266,19 +299,25 @@ def train(
                     if distributed is not None:
                         distributed.all_reduce_gradients(params)  # once per optimizer step
                     with guard.deferred():
-                        if config.grad_clip is not None:
-                            norm = optim.clip_grad_norm_(params, config.grad_clip)
-                        else:
-                            norm = optim.grad_norm(params)
-                        optimizer.step()
                         if distributed is not None:
                             loss_value = distributed.average(loss_value)
+                        grad_norm = (optim.grad_norm(params) if config.grad_clip is None
+                                     else optim.clip_grad_norm_(params, config.grad_clip))
+                        # NOTE: checked before the update, so the weights stay those of the last
+                        # good step (the same on every rank: both values are global).
+                        for what, value in (("loss", loss_value), ("gradient norm", grad_norm)):
+                            if not math.isfinite(value):
+                                raise TrainingDiverged(state, what, value, lr)
+                        optimizer.step()
                         state.step, state.batch = state.step + 1, state.batch + 1
                         state.tokens_seen += sum(math.prod(inputs.shape) for inputs, _ in micro_batches)
                         history["step_loss"].append(loss_value)
                         history["lr"].append(lr)
-                        history["grad_norm"].append(norm)
-                        if (state.step - 1) % config.eval_interval == 0:
+                        history["grad_norm"].append(grad_norm)
+                        # NOTE: taken before evaluating (which draws nothing), so a failed collective
+                        # during the evaluation below still leaves a state that resumes exactly.
+                        state.rng_state = backend.rng_state()
+                        if (state.step - 1) % config.eval_interval == 0 or state.step == last_step:
                             _evaluate_and_log(model, train_loader, val_loader, config, state, eval_loss_fn,
                                               steps_per_epoch, log)
                         if state.batch == steps_per_epoch:
@@ -289,16 +328,21 @@ def train(
                                 history["samples"].append({"epoch": state.epoch + 1, "step": state.step, "text": text})
                                 log(f"sample after epoch {state.epoch + 1}: {text}")
                             state.epoch, state.batch = state.epoch + 1, 0
-                        state.rng_state = backend.rng_state()
+                        if on_step is not None:
+                            on_step(state, loss_value)
                     bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
                     bar.update(1)
-                    if on_step is not None:
-                        on_step(state, loss_value)
                     if state.step >= last_step:
                         break
     except KeyboardInterrupt as err:
         checkpoint = save_fn(state) if save_fn is not None and is_main else None
-        raise TrainingInterrupted(state, checkpoint) from err
+        name = signal.Signals(guard.signum).name
+        raise TrainingInterrupted(state, checkpoint, name, 128 + guard.signum) from err
+    except DistributedError as err:
+        # NOTE: a peer died or timed out; this rank's weights are still those of `state`
+        # (every collective of a step comes before its update, or after its state is taken).
+        checkpoint = save_fn(state) if save_fn is not None and is_main else None
+        raise TrainingPeerLost(str(err), state, checkpoint) from err
     finally:
         bar.close()
     return history
@@ -330,6 +374,14 @@ def _accumulate_gradients(model: Any, micro_batches: list[tuple[Any, Any]], loss
         loss.backward()  # gradients add up in .grad until the optimizer step
         loss_value += float(loss.item())
     return loss_value
+
+
+def _drop_final_evaluation(history: dict[str, list], step: int, eval_interval: int, last_step: int) -> None:
+    """A run that stopped at --max-steps evaluated its last step, off the eval_interval grid;
+    when it goes on, that point is dropped so the history is the uninterrupted run's."""
+    if history["step"] and history["step"][-1] == step < last_step and (step - 1) % eval_interval != 0:
+        for key in ("step", "epoch", "tokens_seen", "train_loss", "val_loss"):
+            history[key].pop()
 
 
 def log_line(message: str) -> None:

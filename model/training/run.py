@@ -11,9 +11,12 @@ process (data-parallel under torchrun) with the engine seeded, and turns a user 
 `start_model` loads the start model of the shared flags (the checkpoint's config when
 resuming), `make_optimizer` / `make_train_config` build AdamW and the loop's config,
 `resumed_state` loads a resumed run's weights, optimizer and loop state, `fit` runs
-`model.training.loop.train` with the per-step log (``metrics.csv``, model.training.metrics;
-on Ctrl-C it saves through the command's save function, writes the history and returns
-None: exit 130), `save_run` is the one path to disk (LoRA adapters,
+`model.training.loop.train` with the per-step log (``metrics.csv``, model.training.metrics)
+and is the one place for what keeps a run safe: the periodic and
+best saves of --save-every, and the stops (`RunStopped`, which `run_command` turns into the
+exit code): Ctrl-C / SIGTERM / a lost torchrun peer save the last step and print the
+command that resumes (exit 130 / 143 / 1), a NaN/inf loss or gradient stops before the
+update and saves nothing (exit 3). `save_run` is the one path to disk (LoRA adapters,
 merge, checkpoint with the run's state and flags) and `write_history` writes history.json
 atomically with its loss plot.
 """
@@ -21,6 +24,8 @@ atomically with its loss plot.
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,26 +34,51 @@ from typing import Any, NoReturn
 
 import engine
 from engine import optim
+from model.config import PRESETS
 from model.data.datadir import DataFileNotFoundError
 from model.data.files import write_json_atomic
 from model.gpt import GPTModel
 from model.lora import lora_layers, merge_lora, save_lora
 from model.training.cli import Recipe, check_args
 from model.training.distributed import Distributed, run_maybe_distributed
-from model.training.loop import LossFn, TrainConfig, TrainingInterrupted, TrainState, log_line, train, under_autocast
+from model.training.loop import (
+    LossFn,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainingPeerLost,
+    TrainState,
+    log_line,
+    train,
+    under_autocast,
+)
 from model.training.metrics import TENSORBOARD_MISSING, MetricsLog, tensorboard_available, tensorboard_writer
 from model.training.plot import plot_losses
-from model.weights.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from model.weights.checkpoint import Checkpoint, CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
 from model.weights.hf import HFDownloadError
 from model.weights.start import load_start_model
 
+
+class RunError(Exception):
+    """A user mistake found while the run sets up (bad data, a checkpoint that does not fit):
+    `run_command` prints it as one ``error:`` line and returns 2."""
+
+
 # Errors that are the user's to fix (a path, a download, a file's content): one line, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, HFDownloadError, DataFileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, HFDownloadError, DataFileNotFoundError, RunError)
 # Flags that describe where a run reads and waits, not what it computes: they may differ
 # between the ranks of one run and are not restored on --resume.
-LOCAL_FLAGS = ("resume", "data_dir", "ddp_timeout", "no_progress")
+LOCAL_FLAGS = ("resume", "data_dir", "ddp_timeout", "no_progress", "overwrite")
 NOT_RESUMED = LOCAL_FLAGS + ("max_steps",)  # a resumed run may stop elsewhere
 START_FLAGS = ("checkpoint", "hf_model", "hf_dir", "preset", "context_length")  # fixed once a run started
+
+
+class RunStopped(Exception):
+    """The run stopped early (interrupted, diverged, a peer lost); `run_command` returns `exit_code`."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"run stopped (exit code {exit_code})")
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -96,8 +126,8 @@ class RunContext:
             log_line(message)
 
     def error(self, message: str) -> NoReturn:
-        """A user mistake found after parsing: ``usage``, one line, exit 2."""
-        self.parser.error(message)
+        """A user mistake found after parsing: one ``error:`` line, exit 2 (`RunError`)."""
+        raise RunError(message)
 
     def check_same_config(self) -> None:
         """Under torchrun: stop unless every rank got the same flags and backend."""
@@ -120,9 +150,14 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body:
         parser.error(f"--precision {args.precision} needs --backend triton: the {backend.name} backend computes "
                      "in float32 only")
 
+    _check_out_dir(parser, args, resume)
+
     def in_process(distributed: Distributed | None) -> int:
         engine.manual_seed(args.seed)
-        return body(RunContext(parser, args, distributed, resume))
+        try:
+            return body(RunContext(parser, args, distributed, resume))
+        except RunStopped as stop:
+            return stop.exit_code
 
     try:
         # NOTE: launched by torchrun, every process trains data-parallel; --batch-size is per process.
@@ -130,6 +165,18 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body:
     except USER_ERRORS + user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _check_out_dir(parser: argparse.ArgumentParser, args: argparse.Namespace, resume: Checkpoint | None) -> None:
+    """No silent overwrite: a fresh run into an out-dir holding another run's checkpoint stops."""
+    base = Path(args.out_dir) / "checkpoint"
+    existing = checkpoint_paths(base)[0]
+    if args.overwrite or not existing.exists():
+        return
+    if resume is not None and resume.path is not None and resume.path.resolve() == base.resolve():
+        return  # continuing the run saved there
+    parser.error(f"--out-dir {args.out_dir} already holds a checkpoint ({existing}): continue that run with "
+                 f"--resume {base}, start over with --overwrite, or choose another --out-dir")
 
 
 def parse_with_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace,
@@ -147,6 +194,17 @@ def parse_with_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -
     if not saved or "train_state" not in checkpoint.extra:
         parser.error(f"--resume {args.resume}: the checkpoint holds no training state (not written by "
                      f"{parser.prog})")
+    command = checkpoint.extra.get("command", parser.prog)
+    if command != parser.prog:
+        parser.error(f"--resume {args.resume}: that run was written by {command}: resume it with that command")
+    try:
+        if not isinstance(saved, dict):
+            raise TypeError(f"train_args is {type(saved).__name__}, not an object")
+        TrainState.from_dict(checkpoint.extra["train_state"])
+        int(checkpoint.extra.get("world_size", 1)) * int(saved["batch_size"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        parser.error(f"--resume {args.resume}: malformed run state in the checkpoint's metadata ({err!r}): "
+                     "resume from another checkpoint")
     if saved.get("lora_rank"):
         parser.error(f"--resume {args.resume}: a LoRA run is saved merged, so it cannot be resumed exactly")
     parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
@@ -174,8 +232,13 @@ def resumed_state(ctx: RunContext, model: Any, optimizer: Any) -> TrainState | N
     if saved_accum != ctx.args.grad_accum:
         ctx.error(f"--resume: the run was saved with --grad-accum {saved_accum}, this one has {ctx.args.grad_accum}: "
                   "the data position counts accumulated batches, so keep it")
-    model.load_state_dict(checkpoint.state_dict)
-    optimizer.load_state_dict(checkpoint.optimizer_state)
+    try:
+        model.load_state_dict(checkpoint.state_dict)
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+    except (KeyError, ValueError, TypeError) as err:
+        problem = str(err) if len(str(err)) < 200 else str(err)[:200] + " ..."
+        ctx.error(f"--resume {ctx.args.resume}: the checkpoint does not fit this command's model and optimizer "
+                  f"({problem}): resume it with the command that wrote it")
     state = TrainState.from_dict(checkpoint.extra["train_state"])
     ctx.print(f"resuming at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
     return state
@@ -192,6 +255,9 @@ def start_model(ctx: RunContext, recipe: Recipe, **config: Any) -> tuple[GPTMode
     if not (a.checkpoint or a.hf_model or a.hf_dir or a.preset):
         preset, hf_model = recipe.preset, recipe.hf_model
         context_length = recipe.context_length if context_length is None else context_length
+    if preset is not None and context_length is not None and context_length > PRESETS[preset].context_length:
+        ctx.error(f"--context-length {context_length} is beyond the {preset} preset's {PRESETS[preset].context_length}"
+                  f" tokens: choose at most {PRESETS[preset].context_length}")
     return load_start_model(checkpoint=a.checkpoint, hf_model=hf_model, hf_dir=a.hf_dir, preset=preset,
                             cache_dir=a.cache_dir, drop_rate=a.drop_rate, context_length=context_length, **config)
 
@@ -209,31 +275,60 @@ def make_train_config(args: argparse.Namespace, sample_prompt: str | None = None
 
 
 def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_loader: Any, config: TrainConfig, *,
-        loss_fn: LossFn, save: Callable[[TrainState], Path], state: TrainState | None = None, tokenizer: Any = None,
+        loss_fn: LossFn, save: Callable[..., Path], state: TrainState | None = None, tokenizer: Any = None,
         on_step: Callable[[TrainState, float], None] | None = None,
-        resume_command: str | None = None) -> TrainState | None:
-    """`train` with the run's precision, progress bar and ranks. Returns the final state, or None
-    after Ctrl-C, once `save` has written the last step boundary and the history is on disk."""
+        resume_command: str | None = None) -> TrainState:
+    """`train` with the run's precision, progress bar, ranks and safety. Returns the final state.
+
+    `save(state, name=..., final=...)` writes a checkpoint (`save_run`'s keywords). With
+    --save-every N it is called every N steps and, as ``best``, after each evaluation that
+    improves the validation loss. A stop raises `RunStopped`: after Ctrl-C / SIGTERM / a lost
+    peer, once the last step is saved, the history written and `resume_command` printed with
+    the flags that continue the run; after a NaN/inf loss or gradient with nothing saved."""
+    if len(train_loader) == 0:
+        ctx.error(f"too little training data for one batch of {ctx.args.batch_size * ctx.world_size}: use more data "
+                  "or a smaller --batch-size")
     state = state if state is not None else TrainState()
     if ctx.args.precision == "bf16":
         loss_fn = under_autocast(loss_fn)
     metrics = open_metrics(ctx, state) if ctx.is_main else None
-    hooks = [hook for hook in (metrics, on_step) if hook is not None]
+    every = getattr(ctx.args, "save_every", None)
+    steps = len(train_loader) // config.grad_accum * config.epochs
+    last_step = min(steps, config.max_steps or steps)
+    best = min((v for v in state.history["val_loss"] if math.isfinite(v)), default=math.inf)
 
     def after_step(st: TrainState, loss: float) -> None:
-        for hook in hooks:
-            hook(st, loss)
+        nonlocal best
+        for hook in (metrics, on_step):
+            if hook is not None:
+                hook(st, loss)
+        if not every or not ctx.is_main:
+            return
+        h = st.history
+        if h["step"] and h["step"][-1] == st.step and h["val_loss"][-1] < best:
+            best = h["val_loss"][-1]
+            save(st, name="best", final=False)
+        if st.step % every == 0 and st.step < last_step:  # the last step is saved by the command
+            save(st, final=False)
 
     try:
         train(model, optimizer, train_loader, val_loader, config, tokenizer=tokenizer, loss_fn=loss_fn, state=state,
               save_fn=save, on_step=after_step, progress=ctx.progress, distributed=ctx.distributed)
-    except TrainingInterrupted as stop:
+    except (TrainingInterrupted, TrainingPeerLost) as stop:
         if ctx.is_main:
             write_history(ctx, stop.state.history)
-            hint = f"\nresume with: {resume_command} --resume {stop.checkpoint}" if resume_command else ""
-            print(f"\ninterrupted after step {stop.state.step}; checkpoint saved to {stop.checkpoint}{hint}",
+            cause = stop.cause if isinstance(stop, TrainingInterrupted) else "a torchrun peer was lost"
+            print(f"\ninterrupted ({cause}) after step {stop.state.step}; checkpoint saved to {stop.checkpoint}"
+                  + (f"\nresume with: {_resume_line(ctx, resume_command, stop.checkpoint)}" if resume_command else ""),
                   file=sys.stderr)
-        return None
+        if isinstance(stop, TrainingPeerLost):
+            raise  # run_maybe_distributed prints the failed collective and exits 1
+        raise RunStopped(stop.exit_code) from None
+    except TrainingDiverged as err:
+        if ctx.is_main:
+            print(f"error: {err}. Nothing was saved: the last checkpoint in {ctx.out_dir} (if any) is unchanged",
+                  file=sys.stderr)
+        raise RunStopped(3) from None
     finally:
         if metrics is not None:
             metrics.close()
@@ -248,17 +343,32 @@ def open_metrics(ctx: RunContext, state: TrainState) -> MetricsLog:
     return MetricsLog(ctx.out_dir / "metrics.csv", state, tensorboard=writer)
 
 
+def _resume_line(ctx: RunContext, command: str, checkpoint: Path | None) -> str:
+    """The command that continues the run: its launcher, --resume, and the flags not restored."""
+    if ctx.distributed is not None:
+        command = command.replace("python", f"torchrun --nproc_per_node={ctx.world_size}", 1)
+    flags = [f"--resume {checkpoint}"]
+    if ctx.args.max_steps is not None:
+        flags.append(f"--max-steps {ctx.args.max_steps}")
+    if getattr(ctx.args, "data_dir", None):
+        flags.append(f"--data-dir {ctx.args.data_dir}")
+    return " ".join([command, *flags])
+
+
 def save_run(ctx: RunContext, model: Any, state: TrainState, *, optimizer: Any = None, name: str = "checkpoint",
-             extra: dict[str, Any] | None = None) -> Path:
-    """The one save path: a LoRA model's adapters go to ``lora.*`` and are merged in, then the
-    checkpoint ``<out-dir>/<name>`` holds the weights, the optimizer (if given), the loop's
-    state and the run's flags. Rank 0 calls it."""
+             extra: dict[str, Any] | None = None, final: bool = True) -> Path:
+    """The one save path: a LoRA model's adapters go to ``lora.*`` and are merged in (into the
+    model itself when `final`, into a copy mid-run so training goes on), then the checkpoint
+    ``<out-dir>/<name>`` holds the weights, the optimizer (if given), the loop's state and the
+    run's flags. Rank 0 calls it."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     if lora_layers(model):
         save_lora(model, ctx.out_dir / "lora")
+        model = model if final else copy.deepcopy(model)
         merge_lora(model)
         optimizer = None  # its state is the adapters', which merging folded away (no --resume of LoRA runs)
-    run = {"train_state": state.to_dict(), "train_args": ctx.run_args, "world_size": ctx.world_size}
+    run = {"train_state": state.to_dict(), "train_args": ctx.run_args, "world_size": ctx.world_size,
+           "command": ctx.parser.prog}
     return save_checkpoint(ctx.out_dir / name, model, model.config, optimizer, step=state.step,
                            extra=run | (extra or {}))
 

@@ -95,7 +95,7 @@ def resolve_checkpoint(path: str | os.PathLike, best: bool = False) -> Path:
         return _base(path)
     name = "best" if best else "checkpoint"
     if not checkpoint_paths(path / name)[0].is_file():
-        what = ("no best checkpoint (best.safetensors): the run saved none (no evaluation yet?); drop --best "
+        what = ("no best checkpoint (best.safetensors): best.* is kept by runs with --save-every N; drop --best "
                 "for the latest") if best else "no checkpoint.safetensors: is it a run's --out-dir?"
         raise CheckpointNotFoundError(f"run directory {path} holds {what}")
     return path / name

@@ -5,7 +5,8 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) each process takes its shard of every 
 Rank 0 writes ``history.json`` (with the number of gradient all-reduces) and ``weights.npz`` to
 OUT_DIR. Random tokens over a 97-word vocabulary keep it fast; dropout is off so a shard sees
 what its rows see in the one-process run.
-Exit status 1 with ``error: ...`` on stderr when a collective fails.
+Exit status 1 with ``error: ...`` on stderr when a collective fails, after rank 0 wrote the
+state of the last completed step to ``saved-state.json``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(3600)
 
         all_reduces = 0
+
+        def save(state) -> Path:  # what rank 0 saves when a peer is lost: the last completed step
+            path = Path(args.out_dir) / "saved-state.json"
+            path.write_text(json.dumps({"step": state.step, "step_loss": state.history["step_loss"]}))
+            return path
+
         if distributed is not None:
             all_reduce = distributed.all_reduce_gradients
 
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             distributed.all_reduce_gradients = counted_all_reduce
             distributed.check_same_config({"lr": args.lr, "global_batch": args.global_batch, "steps": args.steps})
         history = train(model, optimizer, train_loader, val_loader, config, progress=False, on_step=on_step,
-                        distributed=distributed, log=lambda message: None)
+                        save_fn=save, distributed=distributed, log=lambda message: None)
         if distributed is None or distributed.is_main:
             out = Path(args.out_dir)
             (out / "history.json").write_text(json.dumps(history | {"all_reduces": all_reduces}))
