@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.backends.base import Array, Axis, Backend, kernel_namespace
-from kernels import attention_ref, cross_entropy_ref, gelu_ref, layernorm_ref
+from kernels import attention_ref, cross_entropy_ref, gelu_ref, layernorm_ref, rmsnorm_ref, rope_ref, swiglu_ref
 
 _DTYPES = {
     "float32": np.float32,
@@ -29,6 +29,9 @@ class NumpyBackend(Backend):
             kernel_namespace(
                 gelu_ref,
                 layernorm_ref,
+                rmsnorm_ref,
+                swiglu_ref,
+                rope_ref,
                 cross_entropy_ref,
                 attention_forward=attention_ref.seeded_attention_forward,
                 attention_backward=attention_ref.seeded_attention_backward,
