@@ -154,7 +154,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
 class _RMSNorm(Function):
     def forward(self, x, weight, eps: float):
         if weight.shape != x.shape[-1:]:
-            raise ValueError(f"rms_norm: weight {tuple(weight.shape)} must be ({x.shape[-1]},) for input {tuple(x.shape)}")
+            raise ValueError(
+                f"rms_norm: weight {tuple(weight.shape)} must be ({x.shape[-1]},) for input {tuple(x.shape)}"
+            )
         y, rstd = get_backend().kernels.rms_norm_forward(x, weight, eps)
         self.save_for_backward(x, weight, rstd)
         return y

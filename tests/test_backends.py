@@ -194,3 +194,8 @@ def test_rms_norm_swiglu_and_rope():
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     check_backends_agree(lambda x: F.rope(x.transpose(1, 2), engine.tensor(cos), engine.tensor(sin), 4),
                          [randn(2, 5, 3, 16)])
+
+
+@pytest.mark.parametrize("T, S", [(9, 9), (1, 12), (4, 12)])
+def test_grouped_query_attention_with_kv_cache_shapes(T, S):
+    check_backends_agree(F.causal_attention, [randn(1, 4, T, 16), randn(1, 2, S, 16) * 0.5, randn(1, 2, S, 16)])

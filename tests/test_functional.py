@@ -170,3 +170,12 @@ def test_rope_on_a_transposed_view(offset):
     ours = lambda x: F.rope(x.transpose(1, 2), engine.tensor(cos, dtype="float64"),  # noqa: E731
                             engine.tensor(sin, dtype="float64"), offset)
     check_op([(B, T, H, D)], ours, torch_rope)
+
+
+@pytest.mark.parametrize("H, Hkv, T, S", [(4, 2, 5, 5), (6, 2, 1, 7), (3, 1, 4, 9)])
+def test_grouped_query_attention(H, Hkv, T, S):
+    def torch_gqa(q, k, v):
+        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)  # bottom-right aligned, as ours
+        return TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    check_op([(2, H, T, 8), (2, Hkv, S, 8), (2, Hkv, S, 8)], F.causal_attention, torch_gqa, gradcheck=T * H <= 12)

@@ -34,7 +34,8 @@ def test_a_backend_missing_a_method_or_kernel_fails_at_construction():
     with pytest.raises(TypeError, match="no implementation of cross_entropy_forward, cross_entropy_backward"):
         from kernels import attention_ref, gelu_ref, layernorm_ref, rmsnorm_ref, rope_ref, swiglu_ref
 
-        kernel_namespace(gelu_ref, layernorm_ref, rmsnorm_ref, rope_ref, swiglu_ref, attention_forward=attention_ref.seeded_attention_forward,
+        kernel_namespace(gelu_ref, layernorm_ref, rmsnorm_ref, rope_ref, swiglu_ref,
+                         attention_forward=attention_ref.seeded_attention_forward,
                          attention_backward=attention_ref.seeded_attention_backward)
 
 
