@@ -16,5 +16,5 @@ setup(
         "matplotlib>=3.7",
         "threadpoolctl>=3.1",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.56"]},
 )

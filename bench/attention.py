@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.common import bench_main
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -104,8 +106,10 @@ def _time_cuda(provider: str, fn, q, k, v, do, causal: bool, mode: str):
 
 
 def bench_cuda(args) -> None:
+    if args.quick:
+        args.head_dims, args.seqlens = [64], [512, 2048]
     dtype = DTYPES[args.dtype]
-    print(f"{torch.cuda.get_device_name()}: causal={args.causal}, {args.dtype}, B·T = {args.tokens} tokens, "
+    print(f"causal={args.causal}, {args.dtype}, B·T = {args.tokens} tokens, "
           f"H·D = {args.model_dim}")
     header = (f"{'mode':8} {'D':>4} {'T':>6} {'B':>4} {'H':>3} {'provider':11} {'ms':>9} {'TFLOP/s':>8} "
               f"{'vs sdpa':>8} {'peak MiB':>9}")
@@ -137,7 +141,7 @@ def bench_cuda(args) -> None:
                           f"{ratio:>8} {peak:9.0f}")
                 del q, k, v, do
                 torch.cuda.empty_cache()
-    print("vs sdpa: SDPA's time / this provider's time (> 1: faster than SDPA). Peak MiB includes the inputs.")
+    print("Peak MiB includes the inputs.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,11 +182,10 @@ def _cpu_steps(mode: str, q, k, v, do, causal: bool):
 
 
 def bench_cpu(args) -> None:
-    print("No CUDA GPU: comparing the NumPy reference with torch CPU at small T")
     B, H, D = 1, 4, 64
     seqlens = [128, 256] if args.quick else [128, 256, 512]
     print(f"causal={args.causal}, float32, B={B}, H={H}, D={D}")
-    header = f"{'mode':8} {'T':>5} {'numpy ref ms':>13} {'torch sdpa ms':>14} {'ratio':>7}"
+    header = f"{'mode':8} {'T':>5} {'numpy ref ms':>13} {'torch sdpa ms':>14} {'vs sdpa':>8}"
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(0)
@@ -191,18 +194,15 @@ def bench_cpu(args) -> None:
             q, k, v, do = rng.standard_normal((4, B, H, T, D), dtype=np.float32)
             ours, theirs = _cpu_steps(mode, q, k, v, do, args.causal)
             ms_ours, ms_torch = _time_cpu(ours, args.repeats), _time_cpu(theirs, args.repeats)
-            print(f"{mode:8} {T:>5} {ms_ours:13.2f} {ms_torch:14.2f} {ms_ours / ms_torch:6.2f}x")
-    print("ratio: NumPy reference time / torch time (> 1: the reference is slower; it is written for clarity).")
+            print(f"{mode:8} {T:>5} {ms_ours:13.2f} {ms_torch:14.2f} {ms_torch / ms_ours:7.2f}x")
+    print("The NumPy reference is written for clarity, not speed.")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes: D=64, T in 512, 2048 (GPU)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="input dtype on the GPU")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dims to run")
     parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
-                        help="sequence lengths T to run")
+                        help="sequence lengths T to run (--quick on the GPU: D=64, T in 512, 2048)")
     parser.add_argument("--tokens", type=int, default=16384, help="B·T: batch size is tokens // T")
     parser.add_argument("--model-dim", type=int, default=2048, help="H·D: heads are model_dim // D")
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"],
@@ -212,13 +212,10 @@ def main(argv=None) -> None:
                         help="skip the naive provider above this T (its T×T scores grow quadratically)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed repeats per shape on the CPU (the best is reported)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.head_dims, args.seqlens = [64], [512, 2048]
-    if torch.cuda.is_available():
-        bench_cuda(args)
-    else:
-        bench_cpu(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench_main("attention", __doc__, "Causal attention", bench_cuda, bench_cpu, add_arguments, argv)
 
 
 if __name__ == "__main__":

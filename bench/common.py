@@ -6,15 +6,20 @@
     compare(label, providers, nbytes, copy_gbs)
                                   time every provider in every mode -> rows for COMPARE_HEADERS
     print_table(headers, rows)    aligned columns, numbers formatted
+    bench_main(name, doc, ...)    the shared `main`: parser, GPU or CPU run, table, ratio note
+
+Every bench reports speed as ours/theirs: the baseline's time over this provider's in the
+same run, so > 1 means ours is faster (`RATIO_NOTE`).
 
 Timing on CUDA uses ``triton.testing.do_bench`` (CUDA events, and it clears the L2 cache
 before every repeat so memory-bound kernels are not timed from cache). On the CPU it is
 ``time.perf_counter`` around each call: warmup calls, then the median of the repeats.
 """
 
+import argparse
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -53,6 +58,8 @@ def copy_bandwidth_gbs(nbytes: int, device: str | torch.device, quick: bool = Fa
 
 
 COMPARE_HEADERS = ("case", "mode", "provider", "ms", "GB/s", "% of copy", "speed vs torch")
+RATIO_NOTE = ("speed vs torch / vs sdpa: the baseline's time over this provider's, measured in the same run "
+              "(ours/theirs as speed: > 1 = ours faster)")
 
 
 def compare(
@@ -92,3 +99,27 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def bench_main(name: str, doc: str, title: str, bench_cuda: Callable[[Any], list | None],
+               bench_cpu: Callable[[Any], list | None], add_arguments: Callable[[Any], None] | None = None,
+               argv: Sequence[str] | None = None) -> None:
+    """The `main` of ``python -m bench.<name>``: parse (``--quick`` plus `add_arguments`), run
+    `bench_cuda(args)` on a CUDA GPU, else `bench_cpu(args)`, print the rows they return under
+    COMPARE_HEADERS (a bench with its own columns prints them itself and returns None), then the
+    ratio convention."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    if torch.cuda.is_available():
+        print(f"{title} on {torch.cuda.get_device_name()}: ours (Triton) vs torch")
+        rows = bench_cuda(args)
+    else:
+        print(f"{title}, no CUDA GPU: our NumPy reference vs torch on the CPU")
+        rows = bench_cpu(args)
+    if rows is not None:
+        print_table(COMPARE_HEADERS, rows)
+    print(RATIO_NOTE)

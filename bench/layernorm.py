@@ -19,7 +19,7 @@ import argparse
 import numpy as np
 import torch
 
-from bench.common import COMPARE_HEADERS, compare, copy_bandwidth_gbs, print_table
+from bench.common import bench_main, compare, copy_bandwidth_gbs
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHAPES = [(16384, 768), (16384, 1024), (8192, 4096)]
@@ -89,18 +89,12 @@ def bench_cpu(args) -> list[tuple]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="LayerNorm: our Triton kernels against torch (GB/s).")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="GPU dtypes")
-    args = parser.parse_args()
-    if torch.cuda.is_available():
-        print(f"LayerNorm on {torch.cuda.get_device_name()}: ours (Triton) vs torch")
-        rows = bench_cuda(args)
-    else:
-        print("No CUDA GPU: comparing the NumPy reference with torch CPU")
-        rows = bench_cpu(args)
-    print_table(COMPARE_HEADERS, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench_main("layernorm", __doc__, "LayerNorm", bench_cuda, bench_cpu, add_arguments, argv)
 
 
 if __name__ == "__main__":

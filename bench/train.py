@@ -26,11 +26,11 @@ import torch.nn.functional as torch_F
 import engine
 from bench.torch_gpt import from_state_dict
 from model.config import PRESETS, get_config
-from model.data import DataLoader, SlidingWindowDataset
-from model.datadir import DataFileNotFoundError, add_data_dir_argument, data_file
+from model.data.datadir import DataFileNotFoundError, add_data_dir_argument, data_file
+from model.data.windows import DataLoader, SlidingWindowDataset
 from model.gpt import GPTModel, count_parameters
-from model.gpt2_tokenizer import gpt2_tokenizer
-from model.train import calc_loss_batch
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.training.loop import calc_loss_batch
 
 LR, WEIGHT_DECAY = 4e-4, 0.1
 COMPARED_LOSSES = 5  # how many first losses the agreement check looks at

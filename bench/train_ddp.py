@@ -1,7 +1,7 @@
 """Data-parallel training throughput, 1 process against N: ``python -m bench.train_ddp``.
 
 Each configuration runs our training step (forward, backward, gradient all-reduce through
-model.distributed, AdamW) on our numpy backend (triton with a GPU), with a fixed per-process
+model.training.distributed, AdamW) on our numpy backend (triton with a GPU), with a fixed per-process
 batch (weak scaling: N processes see N times the tokens per step). The launcher starts the
 processes itself on 127.0.0.1 with the variables torchrun sets, so the workers are what
 ``torchrun --nproc_per_node=N -m model.train`` would run. The table gives ms/step, tokens/s,
@@ -32,10 +32,10 @@ def worker(args: argparse.Namespace) -> None:
     import engine
     from engine import optim
     from model.config import get_config
-    from model.data import DataLoader, SlidingWindowDataset
-    from model.distributed import Distributed
+    from model.data.windows import DataLoader, SlidingWindowDataset
     from model.gpt import GPTModel
-    from model.train import calc_loss_batch
+    from model.training.distributed import Distributed
+    from model.training.loop import calc_loss_batch
 
     engine.set_backend(args.backend or ("triton" if _cuda() else "numpy"))
     dist = Distributed.from_env(timeout=120)

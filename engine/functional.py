@@ -287,9 +287,11 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     return _CrossEntropy.apply(flat_logits, targets.reshape(-1), ignore_index=ignore_index)
 
 
-# linear_cross_entropy: logits per chunk (32 MB in fp32; 166 rows of GPT-2's vocabulary),
-# small next to the head's weight, large enough that each chunk's matmuls stay efficient.
-CHUNK_ELEMENTS = 2**23
+# linear_cross_entropy: logits per chunk (256 MB in fp32: 1335 rows of GPT-2's vocabulary).
+# NOTE: not smaller: dW += dlogitsᵀ x has only chunk-many terms per output element, so it is
+# bound by writing the (V, E) product; on the 2-core CPU, chunks of 166 rows made the head's
+# three matmuls 4.4x slower than one 2048-row product, 667 rows 1.7x (one run each, contended).
+CHUNK_ELEMENTS = 2**26
 
 
 def _accumulate(total: Any, part: Any, dtype: Any) -> Any:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator
@@ -137,6 +138,17 @@ class Module:
 
     def eval(self) -> Module:
         return self.train(False)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[Module]:
+        """``with model.evaluating():`` eval mode (no dropout) inside the block; the mode the
+        model had is restored after, also when the block raises."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def requires_grad_(self, flag: bool = True) -> Module:
         for p in self.parameters():

@@ -6,6 +6,7 @@ Updates run in place on the backend arrays under no_grad: no graph, no needless 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Iterable
 
 from engine.backends import get_backend
@@ -140,7 +141,10 @@ class AdamW(Optimizer):
 
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``;
-    returns the norm before clipping."""
+    returns the norm before clipping. ``max_norm`` must be finite and > 0 (0 would zero
+    the gradients, a negative one flip them into gradient ascent)."""
+    if not _is_finite_number(max_norm) or max_norm <= 0:
+        raise ValueError(f"clip_grad_norm_: max_norm must be a finite number > 0, got {max_norm!r}")
     backend = get_backend()
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -153,11 +157,28 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:
     return total
 
 
+def _is_finite_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def warmup_cosine_lr(
     step: int, peak_lr: float, warmup_steps: int, total_steps: int, initial_lr: float = 0.0, min_lr: float = 0.0
 ) -> float:
     """Linear warmup from ``initial_lr`` to ``peak_lr`` over ``warmup_steps``, then cosine decay
-    to ``min_lr`` at ``total_steps`` (the book's appendix D schedule)."""
+    to ``min_lr`` at ``total_steps`` (the book's appendix D schedule). Invalid settings
+    (``peak_lr`` not finite > 0, learning rates outside ``0 <= initial_lr, min_lr <= peak_lr``,
+    ``warmup_steps < 0``, ``total_steps < 1``, ``step < 0``) raise ValueError."""
+    problems = []
+    if not _is_finite_number(peak_lr) or peak_lr <= 0:
+        problems.append(f"peak_lr must be a finite number > 0, got {peak_lr!r}")
+    for name, lr in (("initial_lr", initial_lr), ("min_lr", min_lr)):
+        if not _is_finite_number(lr) or lr < 0 or (not problems and lr > peak_lr):
+            problems.append(f"{name} must be a finite number in [0, peak_lr={peak_lr!r}], got {lr!r}")
+    for name, count, least in (("step", step, 0), ("warmup_steps", warmup_steps, 0), ("total_steps", total_steps, 1)):
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < least:
+            problems.append(f"{name} must be an integer >= {least}, got {count!r}")
+    if problems:
+        raise ValueError("warmup_cosine_lr: " + "; ".join(problems))
     if step < warmup_steps:
         return initial_lr + (peak_lr - initial_lr) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))

@@ -103,3 +103,24 @@ def get_config(preset: str, **overrides: Any) -> GPTConfig:
     if unknown:
         raise ValueError(f"unknown GPTConfig fields {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name of ``GPTModel(config)`` (``lm_head.weight`` too when tied) and its
+    shape, computed without allocating: loaders check stored weights against it before
+    building a model, so a config that does not fit its weights fails before any allocation."""
+    V, C, E = config.vocab_size, config.context_length, config.emb_dim
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, E), "wpe.weight": (C, E)}
+    for i in range(config.n_layers):
+        block = {
+            "ln_1.weight": (E,), "ln_1.bias": (E,),
+            "attn.c_attn.weight": (3 * E, E), "attn.c_proj.weight": (E, E), "attn.c_proj.bias": (E,),
+            "ln_2.weight": (E,), "ln_2.bias": (E,),
+            "mlp.c_fc.weight": (4 * E, E), "mlp.c_fc.bias": (4 * E,),
+            "mlp.c_proj.weight": (E, 4 * E), "mlp.c_proj.bias": (E,),
+        }
+        if config.qkv_bias:
+            block["attn.c_attn.bias"] = (3 * E,)
+        shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
+    shapes.update({"ln_f.weight": (E,), "ln_f.bias": (E,), "lm_head.weight": (V, E)})
+    return shapes

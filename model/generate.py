@@ -1,13 +1,6 @@
-"""Text generation (the book's chapters 4 and 5): greedy, temperature, top-k and top-p
-sampling, with a KV cache.
+"""Continue a prompt with a GPT: ``python -m model.generate --prompt "Every effort moves you" --hf-model gpt2``.
 
-    python -m model.generate --prompt "Every effort moves you" --hf-model gpt2
-
-`generate` decodes a batch of equal-length prompts in lock step. Prompts of different
-lengths (a list of lists) are decoded one at a time, since the model has no padding
-mask. With the cache, each step feeds only the new token; once the sequence outgrows
-``context_length`` every step recomputes over the last ``context_length`` tokens
-(absolute positions shift, so cached keys would be wrong), exactly as the uncached path.
+Greedy by default; ``--temperature``, ``--top-k`` and ``--top-p`` sample (model.sampling).
 """
 
 from __future__ import annotations
@@ -15,168 +8,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
-import tiktoken
 
 import engine
-from model.checkpoint import CheckpointError, load_model_from_checkpoint
-from model.config import PRESETS, get_config
-from model.datadir import DataFileNotFoundError, add_data_dir_argument
-from model.gpt import GPTModel, KVCache
-from model.gpt2_tokenizer import gpt2_tokenizer
-from model.hf_gpt2 import HF_MODELS, HFDownloadError, download_hf_gpt2, load_hf_gpt2
+from model.config import PRESETS
+from model.data.datadir import DataFileNotFoundError, add_data_dir_argument
+from model.gpt import GPTModel
+from model.sampling import generate, ids_to_text, text_to_ids
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.training.cli import command_parser
+from model.weights.checkpoint import CheckpointError
+from model.weights.hf import HF_MODELS, HFDownloadError
+from model.weights.start import load_start_model
 
 
-def generate(
-    model: GPTModel,
-    ids: Any,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    use_cache: bool = True,
-    seed: int | None = None,
-) -> np.ndarray | list[np.ndarray]:
-    """Extend token ids (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + n) int64.
-
-    temperature: 0 is greedy (argmax; top_k / top_p then change nothing); > 0 samples from
-        softmax(logits / temperature), restricted to the ``top_k`` most likely tokens and
-        then to the smallest set whose probability reaches ``top_p``.
-    eos_id: a sequence that emits it is finished and padded with ``eos_id`` from then on;
-        when every sequence is finished, generation stops early (n < max_new_tokens).
-    seed: seeds the numpy Generator that draws the samples (reproducible runs).
-    ids may also be one flat prompt (T,), giving (T + n,), or a list of prompts of
-    different lengths, giving a list of 1-D arrays (decoded one after the other).
-
-    Runs under ``engine.no_grad()`` in eval mode; the model's mode is restored afterwards.
-    """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    rng = np.random.default_rng(seed)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        return _generate_batch(model, batch, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, rng)
-
-    if isinstance(ids, engine.Tensor):
-        ids = ids.numpy()
-    was_training = model.training
-    model.eval()
-    try:
-        with engine.no_grad():
-            if _is_ragged(ids):
-                return [run(np.asarray(p, dtype=np.int64)[None])[0] for p in ids]
-            batch = np.asarray(ids, dtype=np.int64)
-            if batch.ndim == 1:
-                return run(batch[None])[0]
-            if batch.ndim != 2:
-                raise ValueError(f"generate: ids must be (batch, seq_len), got shape {batch.shape}")
-            return run(batch)
-    finally:
-        model.train(was_training)
-
-
-def _is_ragged(ids: Any) -> bool:
-    if isinstance(ids, np.ndarray) or not isinstance(ids, Sequence) or not ids:
-        return False
-    lengths = {len(p) if isinstance(p, (Sequence, np.ndarray)) else -1 for p in ids}
-    return len(lengths) > 1
-
-
-def _generate_batch(
-    model: GPTModel, ids: np.ndarray, max_new_tokens: int, temperature: float, top_k: int | None,
-    top_p: float | None, eos_id: int | None, use_cache: bool, rng: np.random.Generator,
-) -> np.ndarray:
-    if ids.shape[1] == 0:
-        raise ValueError("generate: prompts must hold at least one token")
-    context = model.config.context_length
-    cache: KVCache | None = model.new_kv_cache() if use_cache else None
-    seq = ids  # (B, T)
-    done = np.zeros(len(ids), dtype=bool)  # (B,)
-    for _ in range(max_new_tokens):
-        if cache is not None and cache.length == 0:
-            logits = model(seq[:, -context:], kv_cache=cache)  # (B, T, vocab): the prompt
-        elif cache is not None and cache.length < context:
-            logits = model(seq[:, -1:], kv_cache=cache)  # (B, 1, vocab): the newest token
-        else:
-            # NOTE: the window slides from here on, shifting every position: recompute.
-            cache = None
-            logits = model(seq[:, -context:])  # (B, T', vocab)
-        next_ids = sample_next(logits[:, -1].numpy(), temperature, top_k, top_p, rng)  # (B,)
-        if eos_id is not None:
-            next_ids = np.where(done, eos_id, next_ids)
-            done |= next_ids == eos_id
-        seq = np.concatenate([seq, next_ids[:, None]], axis=1)  # (B, T + 1)
-        if done.all():
-            break
-    return seq
-
-
-def sample_next(
-    logits: np.ndarray,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """Next token ids (B,) from last-position logits (B, vocab): argmax when temperature
-    is 0, else a draw from the temperature-scaled softmax after top-k and top-p filtering."""
-    logits = np.asarray(logits, dtype=np.float64)  # (B, V)
-    if temperature == 0.0:
-        return logits.argmax(axis=-1)
-    rng = np.random.default_rng() if rng is None else rng
-    B, V = logits.shape
-    if top_k is not None and top_k < V:
-        kth = np.partition(logits, V - top_k, axis=-1)[:, V - top_k, None]  # (B, 1)
-        logits = np.where(logits < kth, -np.inf, logits)  # ties with the k-th value stay in
-    scaled = logits / temperature
-    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))  # (B, V)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")  # (B, V), most likely first
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        # keep a token while the mass before it is below top_p: the top token always stays
-        keep_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs < top_p
-        keep = np.empty_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
-        probs = np.where(keep, probs, 0.0)
-    cdf = np.cumsum(probs, axis=-1)  # (B, V), unnormalised
-    u = rng.random(B)[:, None] * cdf[:, -1:]  # (B, 1)
-    # NOTE: the first index whose cdf exceeds u; "<=" skips zero-probability tokens even at u = 0.
-    return np.minimum((cdf <= u).sum(axis=-1), V - 1)
-
-
-def text_to_ids(text: str, tokenizer: tiktoken.Encoding) -> np.ndarray:
-    """Token ids (1, T) of ``text``; special tokens such as <|endoftext|> are allowed."""
-    return np.asarray([tokenizer.encode(text, allowed_special="all")], dtype=np.int64)
-
-
-def ids_to_text(ids: Any, tokenizer: tiktoken.Encoding) -> str:
-    """Text of one sequence of ids, (T,) or (1, T)."""
-    ids = np.asarray(ids)
-    if ids.ndim == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.ndim != 1:
-        raise ValueError(f"ids_to_text decodes one sequence, (T,) or (1, T); got shape {ids.shape}")
-    return tokenizer.decode(ids.tolist())
-
-
-# --- command line ---
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.generate",
-        description="Continue a prompt with a GPT: a trained checkpoint, OpenAI's GPT-2 weights, "
-        "or an untrained preset.",
-    )
-    parser.add_argument("--prompt", default="Every effort moves you", help="text to continue (default: %(default)r)")
+    parser = command_parser("generate", "Continue a prompt with a GPT: a trained checkpoint, OpenAI's GPT-2 "
+                                        "weights, or an untrained preset.")
+    parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH",
                         help="checkpoint written by save_checkpoint (PATH.safetensors + PATH.json)")
@@ -185,15 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--hf-dir", metavar="DIR",
                         help="local Hugging Face GPT-2 directory holding config.json and model.safetensors")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
-                        help="untrained model to build when no weights are given (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: %(default)s)")
+                        help="untrained model to build when no weights are given")
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help="sampling temperature; 0 = greedy decoding (default: %(default)s)")
+                        help="sampling temperature; 0 = greedy decoding")
     parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample only among the most likely tokens whose probabilities add up to p (nucleus)")
     parser.add_argument("--seed", type=int, default=123,
-                        help="seed for sampling and for an untrained model's init (default: %(default)s)")
+                        help="seed for sampling and for an untrained model's init")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop when the model emits <|endoftext|>")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step")
     parser.add_argument("--backend", choices=["numpy", "triton"], default=None,
@@ -206,16 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(args: argparse.Namespace) -> GPTModel:
     """The model the command-line arguments name."""
-    if args.checkpoint:
-        return load_model_from_checkpoint(args.checkpoint)[0]
-    if args.hf_dir:
-        return load_hf_gpt2(args.hf_dir)
-    if args.hf_model:
-        return load_hf_gpt2(download_hf_gpt2(args.hf_model, args.cache_dir))
-    print(f"note: no --checkpoint/--hf-model/--hf-dir given: an untrained {args.preset!r} model "
-          "writes gibberish", file=sys.stderr)
-    engine.manual_seed(args.seed)
-    return GPTModel(get_config(args.preset))
+    if not (args.checkpoint or args.hf_dir or args.hf_model):
+        print(f"note: no --checkpoint/--hf-model/--hf-dir given: an untrained {args.preset!r} model "
+              "writes gibberish", file=sys.stderr)
+        engine.manual_seed(args.seed)
+    return load_start_model(checkpoint=args.checkpoint, hf_model=args.hf_model, hf_dir=args.hf_dir,
+                            preset=args.preset, cache_dir=args.cache_dir)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

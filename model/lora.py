@@ -40,8 +40,8 @@ import safetensors.numpy
 import engine
 from engine import functional as F
 from engine import nn
-from model.checkpoint import checkpoint_paths
-from model.files import atomic_write
+from model.data.files import atomic_write
+from model.weights.checkpoint import checkpoint_paths
 
 FORMAT = "scratchgpt-lora"
 VERSION = 1
@@ -285,3 +285,12 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRACounts:
     counts = _wrap(model, targets, rank, alpha) if not layers else LoRACounts(len(layers), *count_trainable(model))
     model.load_state_dict(tensors, strict=False)
     return counts
+
+
+def apply_gpt_lora(model: nn.Module, rank: int, alpha: float) -> LoRACounts:
+    """LoRA on every Linear of a GPTModel's blocks, and on the head unless it is tied to ``wte``.
+
+    NOTE: merging a LoRA head tied to ``wte`` would untie it, and a checkpoint of a
+    tied config stores the two under one Parameter: the merged head would be lost."""
+    targets = ["c_attn", "c_proj", "c_fc"] + ([] if model.lm_head.weight is model.wte.weight else ["lm_head"])
+    return apply_lora(model, rank=rank, alpha=alpha, targets=targets)

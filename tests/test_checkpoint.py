@@ -1,4 +1,4 @@
-"""Checkpoints: round trips (model, optimizer, step, extra), atomic writes, and damaged files."""
+"""Checkpoints: round trips (model, optimizer, step, extra), atomic writes, damaged files, the old layout."""
 
 import json
 import os
@@ -11,17 +11,20 @@ import safetensors.numpy
 import engine
 from engine import functional as F
 from engine import optim
-from model import checkpoint as ckpt_module
-from model.checkpoint import (
+from model.config import GPTConfig, parameter_shapes
+from model.gpt import GPTModel
+from model.weights import checkpoint as ckpt_module
+from model.weights.checkpoint import (
+    FORMAT,
+    META_KEY,
     CheckpointError,
     CheckpointNotFoundError,
+    NonFiniteWeightsError,
     checkpoint_paths,
     load_checkpoint,
     load_model_from_checkpoint,
     save_checkpoint,
 )
-from model.config import GPTConfig
-from model.gpt import GPTModel
 
 CONFIG = GPTConfig(vocab_size=53, context_length=12, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 IDS = np.random.default_rng(0).integers(0, 53, size=(2, 12))
@@ -50,8 +53,7 @@ def test_save_load_gives_identical_logits(tmp_path, tie_weights):
     model = make_model(tie_weights=tie_weights, qkv_bias=tie_weights)
     base = save_checkpoint(tmp_path / "run" / "step5", model, model.config, step=5, extra={"note": "hi"})
     tensors_path, json_path = checkpoint_paths(base)
-    assert tensors_path.is_file() and json_path.is_file()
-    assert sorted(os.listdir(tmp_path / "run")) == ["step5.json", "step5.safetensors"]  # no temp files left
+    assert os.listdir(tmp_path / "run") == ["step5.safetensors"]  # one file, no temp files left
     loaded, ckpt = load_model_from_checkpoint(base)
     assert ckpt.config == model.config and ckpt.step == 5 and ckpt.extra == {"note": "hi"}
     assert ckpt.optimizer_state is None
@@ -62,8 +64,24 @@ def test_save_load_gives_identical_logits(tmp_path, tie_weights):
         stored = set(f.keys())
     assert ("model.lm_head.weight" in stored) != tie_weights  # a tied weight is stored once
     assert (loaded.lm_head.weight is loaded.wte.weight) == tie_weights
-    # either file's name works as the path, too
+    # the file's name works as the path, too (and the old layout's .json name)
     assert load_checkpoint(json_path).step == 5 and load_checkpoint(tensors_path).step == 5
+
+
+def test_saved_file_has_the_umasks_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        base = save_checkpoint(tmp_path / "ck", make_model(), CONFIG)
+    finally:
+        os.umask(old)
+    assert checkpoint_paths(base)[0].stat().st_mode & 0o777 == 0o640  # not a temp file's 0600
+
+
+def test_parameter_shapes_are_the_models():
+    for config in (CONFIG, GPTConfig(**{**CONFIG.to_dict(), "qkv_bias": True, "tie_weights": True, "n_layers": 3})):
+        model = GPTModel(config)
+        shapes = {name: p.shape for name, p in ckpt_module._all_named_parameters(model)}
+        assert shapes == parameter_shapes(config)
 
 
 def test_optimizer_state_round_trips(tmp_path):
@@ -123,11 +141,40 @@ def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_module.safetensors.numpy, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "ck", make_model(), model.config, step=2)
-    assert sorted(os.listdir(tmp_path)) == ["ck.json", "ck.safetensors"]  # temp file removed
+    assert os.listdir(tmp_path) == ["ck.safetensors"]  # temp file removed
     assert load_checkpoint(base).step == 1  # the previous checkpoint is intact
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "new", model, model.config)
-    assert not (tmp_path / "new.safetensors").exists() and not (tmp_path / "new.json").exists()
+    assert not (tmp_path / "new.safetensors").exists()
+
+
+def test_next_save_removes_temp_files_of_killed_saves(tmp_path):
+    model = make_model()
+    # what a killed save leaves (ours, and tempfile.mkstemp's of earlier versions), and bystanders
+    stale = [".ck.safetensors.0123456789abcdef.tmp", ".ck.safetensors.k2_9xq0a.tmp"]
+    kept = [".other.safetensors.0123456789abcdef.tmp", ".ck.safetensors.x.0123456789abcdef.tmp", "ck.txt"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    killed = tmp_path / ".ck.safetensors.fedcba9876543210.tmp"  # a temp dir with safetensors' own temp file
+    killed.mkdir()
+    (killed / ".tmpAb12Cd").write_bytes(b"partial")
+    save_checkpoint(tmp_path / "ck", model, model.config)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["ck.safetensors"])
+
+
+def test_non_finite_weights_are_not_saved(tmp_path):
+    model = make_model()
+    opt = optim.AdamW(model.parameters())
+    train_steps(model, opt, 1)
+    base = save_checkpoint(tmp_path / "ck", model, model.config, opt, step=1)
+    before = checkpoint_paths(base)[0].read_bytes()
+    state = model.state_dict()
+    state["wpe.weight"][3, :2] = [np.inf, -np.inf]
+    model.load_state_dict(state)
+    with pytest.raises(NonFiniteWeightsError, match=r"refusing to save .*ck\.safetensors: tensor model\.wpe\.weight "
+                       r"holds 2 NaN/inf values .*previous checkpoint is unchanged"):
+        save_checkpoint(base, model, model.config, opt, step=2)
+    assert checkpoint_paths(base)[0].read_bytes() == before and os.listdir(tmp_path) == ["ck.safetensors"]
 
 
 @pytest.fixture
@@ -136,96 +183,131 @@ def saved(tmp_path):
     opt = optim.AdamW(model.parameters())
     train_steps(model, opt, 1)
     base = save_checkpoint(tmp_path / "ck", model, model.config, opt, step=3)
-    return base, *checkpoint_paths(base)
+    return base, checkpoint_paths(base)[0]
+
+
+def rewrite(tensors_path, change_meta=None, change_tensors=None, header=None):
+    """Rewrite the checkpoint file through ``change_meta(meta)`` and ``change_tensors(tensors)``,
+    or with ``header`` as its whole header metadata."""
+    with safetensors.safe_open(str(tensors_path), framework="np") as f:
+        metadata = f.metadata()
+    tensors = safetensors.numpy.load_file(tensors_path)
+    if change_meta is not None:
+        meta = json.loads(metadata[META_KEY])
+        change_meta(meta)
+        metadata[META_KEY] = json.dumps(meta)
+    if change_tensors is not None:
+        change_tensors(tensors)
+    safetensors.numpy.save_file(tensors, tensors_path, metadata=header or metadata)
 
 
 def test_missing_files(saved, tmp_path):
-    with pytest.raises(CheckpointNotFoundError, match="nothere.json") as info:
+    with pytest.raises(CheckpointNotFoundError, match="nothere.safetensors") as info:
         load_checkpoint(tmp_path / "nothere")
     assert isinstance(info.value, FileNotFoundError)
-    base, tensors_path, json_path = saved
-    tensors_path.unlink()
-    with pytest.raises(CheckpointError, match="ck.safetensors"):
+
+
+def test_bad_metadata_json(saved):
+    base, tensors_path = saved
+    rewrite(tensors_path, header={"format": FORMAT, META_KEY: "{not json"})
+    with pytest.raises(CheckpointError, match=r"ck\.safetensors: its header's checkpoint metadata is not valid JSON"):
+        load_checkpoint(base)
+    rewrite(tensors_path, header={"format": "something else"})
+    with pytest.raises(CheckpointError, match="not a scratchgpt checkpoint"):
         load_checkpoint(base)
 
 
-def test_bad_json(saved):
-    base, _, json_path = saved
-    json_path.write_text(json_path.read_text()[:-40])
-    with pytest.raises(CheckpointError, match=r"ck\.json: not valid JSON"):
-        load_checkpoint(base)
-
-
-def test_malformed_json_fields(saved):
-    base, _, json_path = saved
-    meta = json.loads(json_path.read_text())
-    meta["tensors"] = "oops"
-    json_path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="ck.json"):
+@pytest.mark.parametrize("field, value, message", [
+    ("extra", "oops", "extra is a str"),
+    ("step", None, "step is a NoneType"),
+    ("tied", {"lm_head.weight": 3}, "tied is not a name -> name map"),
+    ("optimizer", {"scalars": {}, "buffers": {"exp_avg": "x"}}, "optimizer needs scalars"),
+    ("version", 7, "format version 7, this code reads 2"),
+])
+def test_malformed_metadata_fields(saved, field, value, message):
+    base, tensors_path = saved
+    rewrite(tensors_path, change_meta=lambda meta: meta.update({field: value}))
+    with pytest.raises(CheckpointError, match=rf"ck\.safetensors: .*{message}"):
         load_checkpoint(base)
 
 
 def test_truncated_safetensors(saved):
-    base, tensors_path, _ = saved
+    base, tensors_path = saved
     data = tensors_path.read_bytes()
     tensors_path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="ck.safetensors.*truncated"):
+    with pytest.raises(CheckpointError, match="ck.safetensors: damaged or truncated"):
         load_checkpoint(base)
 
 
 def test_damaged_safetensors_header(saved):
-    base, tensors_path, _ = saved
+    base, tensors_path = saved
     data = bytearray(tensors_path.read_bytes())
     data[8:16] = b"garbage!"  # the JSON header starts at byte 8; the size stays the same
     tensors_path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="ck.safetensors: damaged safetensors file"):
+    with pytest.raises(CheckpointError, match="ck.safetensors: damaged or truncated safetensors file"):
         load_checkpoint(base)
 
 
-def rewrite_tensors(tensors_path, json_path, change):
-    """Rewrite the safetensors file through ``change(tensors)``, keeping save id and byte count in step."""
-    with safetensors.safe_open(str(tensors_path), framework="np") as f:
-        metadata = f.metadata()
-    tensors = safetensors.numpy.load_file(tensors_path)
-    change(tensors)
-    safetensors.numpy.save_file(tensors, tensors_path, metadata=metadata)
-    meta = json.loads(json_path.read_text())
-    meta["safetensors_bytes"] = tensors_path.stat().st_size
-    json_path.write_text(json.dumps(meta))
-
-
 def test_missing_tensor(saved):
-    base, tensors_path, json_path = saved
-    rewrite_tensors(tensors_path, json_path, lambda t: t.pop("model.h.1.mlp.c_fc.weight"))
-    with pytest.raises(CheckpointError, match="missing tensors model.h.1.mlp.c_fc.weight"):
+    base, tensors_path = saved
+    rewrite(tensors_path, change_tensors=lambda t: t.pop("model.h.1.mlp.c_fc.weight"))
+    with pytest.raises(CheckpointError, match=r"do not fit its config \(missing h.1.mlp.c_fc.weight\)"):
         load_checkpoint(base)
 
 
 def test_shape_mismatch(saved):
-    base, tensors_path, json_path = saved
-    rewrite_tensors(tensors_path, json_path, lambda t: t.update({"model.wpe.weight": np.zeros((3, 16), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"model.wpe.weight is float32\[3, 16\]"):
-        load_checkpoint(base)
-
-
-def test_files_from_different_saves(saved, tmp_path):
-    base, tensors_path, _ = saved
-    model = make_model()
-    twin = save_checkpoint(tmp_path / "twin", model, CONFIG, optim.AdamW(model.parameters()))
-    os.replace(checkpoint_paths(twin)[0], tensors_path)  # same tensors and size, another save id
-    with pytest.raises(CheckpointError, match="different saves"):
+    base, tensors_path = saved
+    rewrite(tensors_path, change_tensors=lambda t: t.update({"model.wpe.weight": np.zeros((3, 16), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"\(wpe.weight is \[3, 16\], not \[12, 16\]\)"):
         load_checkpoint(base)
 
 
 def test_config_that_does_not_fit_the_weights(saved):
-    base, _, json_path = saved
-    meta = json.loads(json_path.read_text())
-    meta["config"]["n_layers"] = 1
-    json_path.write_text(json.dumps(meta))
-    load_checkpoint(base)  # the files themselves are consistent
+    base, tensors_path = saved
+    rewrite(tensors_path, change_meta=lambda meta: meta["config"].update(n_layers=1))
+    load_checkpoint(base)  # a smaller config does not allocate more than is stored
     with pytest.raises(CheckpointError, match="unexpected keys: h.1"):
         load_model_from_checkpoint(base)
-    meta["config"]["n_heads"] = 5
-    json_path.write_text(json.dumps(meta))
+    rewrite(tensors_path, change_meta=lambda meta: meta["config"].update(n_heads=5))
     with pytest.raises(CheckpointError, match="bad config.*divisible"):
+        load_checkpoint(base)
+    rewrite(tensors_path, change_meta=lambda meta: meta["config"].update(n_heads=2, n_layers=3))
+    with pytest.raises(CheckpointError, match="missing h.2.ln_1.weight, h.2.ln_1.bias"):
+        load_checkpoint(base)
+
+
+def write_version_1(base, save_id="0" * 32):
+    """Turn a checkpoint into the old two-file layout: metadata in PATH.json, a save id in both."""
+    tensors_path, json_path = checkpoint_paths(base)
+    with safetensors.safe_open(str(tensors_path), framework="np") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    tensors = safetensors.numpy.load_file(tensors_path)
+    safetensors.numpy.save_file(tensors, tensors_path, metadata={"format": FORMAT, "save_id": "0" * 32})
+    meta.update(version=1, save_id=save_id, safetensors_bytes=tensors_path.stat().st_size,
+                tensors={name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in tensors.items()})
+    json_path.write_text(json.dumps(meta))
+
+
+def test_version_1_checkpoints_still_load(saved):
+    base, tensors_path = saved
+    model, ckpt = load_model_from_checkpoint(base)
+    write_version_1(base)
+    model_v1, ckpt_v1 = load_model_from_checkpoint(base)
+    assert (ckpt_v1.step, ckpt_v1.config, ckpt_v1.extra) == (ckpt.step, ckpt.config, ckpt.extra)
+    np.testing.assert_array_equal(model_v1(IDS).numpy(), model(IDS).numpy())
+    # a new save over it writes the new layout and drops the old metadata file
+    save_checkpoint(base, model_v1, ckpt_v1.config, step=4)
+    assert os.listdir(tensors_path.parent) == ["ck.safetensors"] and load_checkpoint(base).step == 4
+
+
+def test_version_1_files_from_different_saves(saved):
+    base, tensors_path = saved
+    write_version_1(base, save_id="1" * 32)
+    with pytest.raises(CheckpointError, match="different saves"):
+        load_checkpoint(base)
+    checkpoint_paths(base)[1].write_text("{broken")
+    with pytest.raises(CheckpointError, match=r"ck\.json: not valid JSON"):
+        load_checkpoint(base)
+    tensors_path.unlink()
+    with pytest.raises(CheckpointError, match=r"ck\.json is there but .*ck\.safetensors is missing"):
         load_checkpoint(base)

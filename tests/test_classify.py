@@ -10,19 +10,12 @@ import numpy as np
 import pytest
 
 import engine
-from model.classify import (
-    GPTClassifier,
-    calc_accuracy_loader,
-    classify_text,
-    freeze_for_finetuning,
-    load_classifier,
-    main,
-)
+from model.classify import main
 from model.config import get_config
-from model.gpt import GPTModel
-from model.gpt2_tokenizer import gpt2_tokenizer
-from model.spam_data import (
+from model.data.datadir import data_file
+from model.data.spam import (
     PAD_TOKEN_ID,
+    SPAM_FILE,
     SpamDataError,
     SpamDataset,
     TruncationWarning,
@@ -31,6 +24,16 @@ from model.spam_data import (
     random_split,
     read_sms_spam,
 )
+from model.gpt import GPTModel
+from model.tasks.classification import (
+    GPTClassifier,
+    calc_accuracy_loader,
+    classify_text,
+    freeze_for_finetuning,
+    load_classifier,
+)
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.weights.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,16 @@ def test_malformed_files_name_file_and_line(tmp_path, content, message):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(SpamDataError, match=message):
         read_sms_spam(path)
+
+
+def test_crlf_line_ends_are_stripped(tmp_path):
+    lf = read_sms_spam()
+    path = tmp_path / "crlf.tsv"
+    path.write_bytes(data_file(SPAM_FILE).read_bytes().replace(b"\n", b"\r\n"))  # as a Windows editor saves it
+    crlf = read_sms_spam(path)
+    assert [(m.label, m.text, m.line) for m in crlf] == [(m.label, m.text, m.line) for m in lf]
+    path.write_bytes(b"ham\tfine\r\nspam\tbuy now\r\n")
+    assert [(m.label, m.text) for m in read_sms_spam(path)] == [(0, "fine"), (1, "buy now")]
 
 
 def test_missing_file_and_unquoted_fields(tmp_path):
@@ -148,16 +161,16 @@ def test_short_run_beats_chance_and_writes_outputs(trained):
     accuracy = history["final_accuracy"]
     assert accuracy["test"] > 0.7 and accuracy["val"] > 0.7, accuracy  # chance is 0.5 (balanced classes)
     assert len(history["step_loss"]) == 20 and history["step"] == [1, 11]
-    for name in ("classifier.safetensors", "classifier.json", "loss.png"):
+    for name in ("checkpoint.safetensors", "loss.png"):
         assert (trained / name).is_file()
-    meta = json.loads((trained / "classifier.json").read_text())
-    info = meta["extra"]["classifier"]
+    ckpt = load_checkpoint(trained / "checkpoint")
+    info = ckpt.extra["classifier"]
     assert (info["max_length"], info["pad_token_id"], info["class_names"]) == (32, 50256, ["not spam", "spam"])
-    assert meta["tensors"]["model.classifier.weight"]["shape"] == [2, 64]
+    assert ckpt.state_dict["classifier.weight"].shape == (2, 64)
 
 
 def test_loaded_checkpoint_predicts_as_trained(trained, tokenizer):
-    model, info = load_classifier(trained / "classifier")
+    model, info = load_classifier(trained / "checkpoint")
     data = create_spam_loaders(tokenizer, 64, info["max_length"])
     accuracy = json.loads((trained / "history.json").read_text())["final_accuracy"]
     assert calc_accuracy_loader(data.val_loader, model) == pytest.approx(accuracy["val"])
@@ -165,21 +178,34 @@ def test_loaded_checkpoint_predicts_as_trained(trained, tokenizer):
 
 def test_predict_cli(trained, capsys):
     assert main(["predict", "You are a winner! Call now to claim your free prize", "--checkpoint",
-                 str(trained / "classifier")]) == 0
+                 str(trained / "checkpoint")]) == 0
     out, err = capsys.readouterr()
     assert re.fullmatch(r"(spam|not spam) \(probability (0\.\d{3}|1\.000)\)\n", out), out
     assert err == ""
-    assert main(["predict", "free entry " * 40, "--checkpoint", str(trained / "classifier.json")]) == 0
+    assert main(["predict", "free entry " * 40, "--checkpoint", str(trained / "checkpoint.json")]) == 0
     out, err = capsys.readouterr()
     assert re.fullmatch(r"(spam|not spam) \(probability .*\)\n", out)
     assert re.search(r"note: the message has \d+ tokens, more than the 32 the classifier takes: only its first 32", err)
 
 
 def test_lora_run_saves_adapters_and_a_merged_checkpoint(tmp_path):
-    args = ["--preset", "tiny", "--lora-rank", "2", "--lr", "1e-3", "--max-steps", "2", "--max-length", "8",
+    args = ["--preset", "tiny", "--lora-rank", "2", "--lora-alpha", "2", "--lr", "1e-3", "--max-steps", "2",
+            "--max-length", "8",
             "--batch-size", "64", "--out-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     assert (tmp_path / "lora.safetensors").is_file() and (tmp_path / "lora.json").is_file()
-    model, info = load_classifier(tmp_path / "classifier")  # merged: plain Linear names
+    model, info = load_classifier(tmp_path / "checkpoint")  # merged: plain Linear names
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert info["trained"] == "LoRA rank 2, alpha 2"
+
+
+def test_resume_continues_a_run_exactly(tmp_path):
+    """--resume is shared: a classify run stopped at step 3 and resumed ends with the losses of one run."""
+    common = ["--preset", "tiny", "--train-all", "--lr", "1e-3", "--max-length", "8", "--batch-size", "64",
+              "--eval-interval", "2", "--eval-iters", "1", "--no-progress"]
+    assert main([*common, "--max-steps", "6", "--out-dir", str(tmp_path / "full")]) == 0
+    assert main([*common, "--max-steps", "3", "--out-dir", str(tmp_path / "part")]) == 0
+    assert main(["--resume", str(tmp_path / "part" / "checkpoint"), "--max-steps", "6"]) == 0
+    full, resumed = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("full", "part"))
+    np.testing.assert_allclose(resumed["step_loss"], full["step_loss"], rtol=0, atol=1e-6)
+    assert resumed["step"] == full["step"] and resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-6)

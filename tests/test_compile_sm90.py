@@ -1,6 +1,6 @@
 """Every kernel configuration compiles for the H100 (sm_90), under the installed triton and triton 3.6.
 
-Runs ``tests/compile_sm90.py`` in a subprocess whose environment has no
+Runs ``tests/helpers/compile_sm90.py`` in a subprocess whose environment has no
 ``TRITON_INTERPRET`` (the interpreter cannot compile). Triton 3.6 is what the lent GPU
 machines have; it comes from the folder named by ``SCRATCHGPT_TRITON36_DIR`` (made with
 ``pip install --no-deps --target DIR triton==3.6.0``) or is installed once into
@@ -16,7 +16,7 @@ import pytest
 import triton
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "tests" / "compile_sm90.py"
+SCRIPT = REPO / "tests" / "helpers" / "compile_sm90.py"
 TRITON36_CACHE = REPO / ".cache" / "triton36"
 TIMEOUT_S = 1200  # attention alone lists ~200 configurations
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kernels import cross_entropy as tri
 from kernels import cross_entropy_ref as ref
 from tests.conftest import kernel_device
-from tests.op_check import assert_close
+from tests.helpers.op_check import assert_close
 
 DEVICE = kernel_device()
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter computes bf16 wrongly")

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import datadir
-from model.data import DataLoader, SlidingWindowDataset, create_dataloaders, split_text
-from model.datadir import (
+from model.data import datadir
+from model.data.datadir import (
     DATA_DIR_ENV,
     DataChecksumError,
     DataFileNotFoundError,
@@ -23,8 +22,9 @@ from model.datadir import (
     data_file,
     resolve_data_dir,
 )
-from model.gpt2_tokenizer import gpt2_tokenizer
-from model.tokenizer import SimpleTokenizerV2
+from model.data.windows import DataLoader, SlidingWindowDataset, create_dataloaders, split_text
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.tokenizers.simple import SimpleTokenizerV2
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Data-parallel training (model/distributed.py) on CPU: gloo, 2 processes on 127.0.0.1.
 
-Every run is `tests/ddp_run.py` (a tiny float64 GPT trained through model.train.train),
+Every run is `tests/helpers/ddp_run.py` (a tiny float64 GPT trained through model.training.loop.train),
 launched as subprocesses with a bounded wall-clock: by torchrun for the equality check, as
 two plain processes with the torchrun variables set for the failure checks (so the error
 comes from our collectives, not from torchrun killing the survivors). Also a few in-process
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.distributed import Distributed, DistributedError, torchrun_env
+from model.training.distributed import Distributed, DistributedError, torchrun_env
 
 REPO = Path(__file__).resolve().parents[1]
-HELPER = [sys.executable, "-m", "tests.ddp_run"]
+HELPER = [sys.executable, "-m", "tests.helpers.ddp_run"]
 
 
 def free_port() -> int:
@@ -68,7 +68,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     ddp.mkdir()
     subprocess.run([*HELPER, str(single), "--global-batch", "4"], cwd=REPO, check=True, timeout=60)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-              f"--master_port={free_port()}", "-m", "tests.ddp_run", str(ddp), "--global-batch", "4"]
+              f"--master_port={free_port()}", "-m", "tests.helpers.ddp_run", str(ddp), "--global-batch", "4"]
     subprocess.run(launch, cwd=REPO, check=True, timeout=90, capture_output=True)
     (h1, w1), (h2, w2) = load(single), load(ddp)
     assert len(h1["step_loss"]) == 5 and len(h1["val_loss"]) == 3
@@ -150,10 +150,21 @@ def test_classify_under_torchrun_equals_one_process_with_the_global_batch(tmp_pa
     assert h2["final_accuracy"] == pytest.approx(h1["final_accuracy"], abs=1e-9)
 
 
-def test_instruct_under_torchrun_trains_and_rank0_answers(tmp_path):
-    _torchrun("model.instruct", ["--preset", "tiny", "--max-steps", "2", "--batch-size", "2", "--eval-iters", "1",
-                                 "--max-test-entries", "2", "--max-new-tokens", "3", "--no-progress", "--no-sample",
-                                 "--backend", "numpy", "--out-dir", str(tmp_path)])
-    responses = json.loads((tmp_path / "instruction-data-with-response.json").read_text())
-    assert len(responses) == 2 and all("model_response" in r for r in responses)
-    assert len(json.loads((tmp_path / "history.json").read_text())["step_loss"]) == 2
+def test_instruct_under_torchrun_equals_one_process_with_the_global_batch(tmp_path):
+    """--mask-prompt and padding give the two shards of a global batch different numbers of target
+    tokens, so only a loss weighted by each shard's token share matches one process's token mean."""
+    common = ["--preset", "tiny", "--max-steps", "3", "--eval-interval", "2", "--eval-iters", "2", "--mask-prompt",
+              "--max-length", "48", "--max-test-entries", "2", "--max-new-tokens", "3", "--no-progress", "--no-sample",
+              "--backend", "numpy"]
+    single = subprocess.run([sys.executable, "-m", "model.instruct", *common, "--batch-size", "4",
+                             "--out-dir", str(tmp_path / "single")], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    _torchrun("model.instruct", [*common, "--batch-size", "2", "--out-dir", str(tmp_path / "ddp")])
+    h1 = json.loads((tmp_path / "single" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    assert len(h1["step_loss"]) == 3 and len(h1["val_loss"]) == 2
+    for key in ("step_loss", "train_loss", "val_loss"):
+        np.testing.assert_allclose(h2[key], h1[key], rtol=0, atol=1e-5, err_msg=key)  # float32 sums
+    responses = json.loads((tmp_path / "ddp" / "instruction-data-with-response.json").read_text())
+    assert len(responses) == 2 and all("model_response" in r for r in responses)  # rank 0 answered

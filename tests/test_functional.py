@@ -7,7 +7,7 @@ import torch.nn.functional as TF
 
 import engine
 from engine import functional as F
-from tests.op_check import assert_close, check_op
+from tests.helpers.op_check import assert_close, check_op
 
 
 @pytest.mark.parametrize("shapes", [[(3, 4), (5, 4), (5,)], [(2, 3, 7), (1, 7), (1,)], [(1, 1), (3, 1), (3,)]])

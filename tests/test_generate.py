@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 import engine
-from model.checkpoint import save_checkpoint
 from model.config import GPTConfig, get_config
-from model.generate import generate, ids_to_text, main, sample_next, text_to_ids
+from model.generate import main
 from model.gpt import GPTModel
-from model.gpt2_tokenizer import gpt2_tokenizer
+from model.sampling import generate, ids_to_text, sample_next, text_to_ids
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.weights.checkpoint import save_checkpoint
 
 VOCAB, CONTEXT = 61, 16
 

@@ -10,7 +10,7 @@ from engine import functional as F
 from engine import optim
 from model.config import PRESETS, GPTConfig, get_config
 from model.gpt import GPTModel, count_parameters, memory_report
-from tests.op_check import assert_close
+from tests.helpers.op_check import assert_close
 
 SMALL = dict(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 

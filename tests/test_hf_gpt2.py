@@ -13,10 +13,11 @@ import torch.nn.functional as TF
 
 import engine
 from bench.torch_gpt import from_state_dict
-from model.checkpoint import CheckpointError
 from model.config import GPTConfig, get_config
 from model.gpt import GPTModel
-from model.hf_gpt2 import (
+from model.lora import apply_lora, lora_layers, merge_lora
+from model.weights.checkpoint import CheckpointError
+from model.weights.hf import (
     HFDownloadError,
     config_from_hf,
     config_to_hf,
@@ -24,7 +25,7 @@ from model.hf_gpt2 import (
     export_hf,
     load_hf_gpt2,
 )
-from tests.op_check import assert_close
+from tests.helpers.op_check import assert_close
 
 V, C, E, H, L = 71, 16, 32, 4, 2
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -137,6 +138,24 @@ def test_export_then_load_round_trip(tmp_path, qkv_bias, tie_weights):
         assert not loaded.h[0].attn.c_attn.bias.numpy().any()
 
 
+@pytest.mark.parametrize("merge_head", [False, True])
+def test_export_keeps_a_head_that_merge_lora_untied(tmp_path, merge_head):
+    config = GPTConfig(vocab_size=V, context_length=C, emb_dim=E, n_heads=H, n_layers=L, drop_rate=0.0,
+                       qkv_bias=True, tie_weights=True)
+    model = GPTModel(config)
+    apply_lora(model, rank=2, alpha=4.0, targets=["lm_head", "c_fc"] if merge_head else ["c_fc"])
+    rng = np.random.default_rng(2)
+    for layer in lora_layers(model).values():  # a trained update (B starts at zero)
+        layer.lora_B.data = engine.tensor(rng.normal(size=layer.lora_B.shape).astype(np.float32)).data
+    merge_lora(model)
+    assert model.config.tie_weights and (model.lm_head.weight is model.wte.weight) != merge_head
+    export_hf(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] == (not merge_head)
+    assert ("lm_head.weight" in safetensors.numpy.load_file(tmp_path / "model.safetensors")) == merge_head
+    loaded = load_hf_gpt2(tmp_path, drop_rate=0.0)
+    np.testing.assert_array_equal(loaded(IDS).numpy(), model(IDS).numpy())
+
+
 def test_config_of_openai_gpt2():
     # the fields of https://huggingface.co/gpt2/blob/main/config.json that matter here
     openai = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
@@ -160,10 +179,13 @@ def test_bad_hf_directories(tmp_path):
     path = tmp_path / "model.safetensors"
     del tensors["h.1.mlp.c_fc.bias"]
     safetensors.numpy.save_file(tensors, path)
-    with pytest.raises(CheckpointError, match="model.safetensors.*missing keys: h.1.mlp.c_fc.bias"):
+    with pytest.raises(CheckpointError, match="model.safetensors: does not fit config.json: missing h.1.mlp.c_fc.bias"):
         load_hf_gpt2(tmp_path)
     safetensors.numpy.save_file({**tensors, "h.1.mlp.c_fc.bias": np.zeros(4 * E), "h.0.extra": np.zeros(3)}, path)
     with pytest.raises(CheckpointError, match="unexpected keys: h.0.extra"):
+        load_hf_gpt2(tmp_path)
+    safetensors.numpy.save_file({**tensors, "h.1.mlp.c_fc.bias": np.zeros(4 * E + 1)}, path)
+    with pytest.raises(CheckpointError, match=rf"h.1.mlp.c_fc.bias is \[{4 * E + 1}\], not \[{4 * E}\]"):
         load_hf_gpt2(tmp_path)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):

@@ -14,12 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from model.checkpoint import load_model_from_checkpoint
-from model.datadir import data_file
-from model.gpt2_tokenizer import gpt2_tokenizer
-from model.instruct import extract_response
-from model.instruct import main as instruct_main
-from model.instruct_data import (
+from model.data.datadir import data_file
+from model.data.instructions import (
     InstructionDataError,
     InstructionDataset,
     InstructionExample,
@@ -30,7 +26,10 @@ from model.instruct_data import (
     read_json_entries,
     split_data,
 )
-from model.score_responses import (
+from model.instruct import main as instruct_main
+from model.score_responses import main as score_main
+from model.tasks.instruction import extract_response
+from model.tasks.scoring import (
     JudgeError,
     exact_match,
     judge_prompt,
@@ -43,7 +42,8 @@ from model.score_responses import (
     score_entries,
     token_f1,
 )
-from model.score_responses import main as score_main
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.weights.checkpoint import load_model_from_checkpoint
 
 P, X = 50256, -100  # pad / end-of-text id, ignored target
 
@@ -288,9 +288,9 @@ def test_instruct_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
 def test_commands_report_bad_files(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c"}]))
-    assert instruct_main(["--preset", "tiny", "--data-file", str(bad), "--out-dir", str(tmp_path / "x")]) == 1
+    assert instruct_main(["--preset", "tiny", "--data-file", str(bad), "--out-dir", str(tmp_path / "x")]) == 2
     assert "entry 1: field 'output' is missing" in capsys.readouterr().err
-    assert score_main([str(bad)]) == 1
+    assert score_main([str(bad)]) == 2
     assert "field 'model_response' is missing" in capsys.readouterr().err
     assert read_json_entries(bad, required=("instruction",)) == json.loads(bad.read_text())
 

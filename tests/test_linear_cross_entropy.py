@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 import engine
 from engine import functional as F
-from tests.op_check import assert_close, check_op
+from tests.helpers.op_check import assert_close, check_op
 
 IGNORE = -100
 

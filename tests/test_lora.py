@@ -176,10 +176,10 @@ def test_merged_lora_on_a_tied_head_saves_and_reloads_untied(tmp_path):
     would tie the weights again and one of them would silently win."""
     import numpy as np
 
-    from model.checkpoint import load_model_from_checkpoint, save_checkpoint
     from model.config import get_config
     from model.gpt import GPTModel
     from model.lora import apply_lora, merge_lora
+    from model.weights.checkpoint import load_model_from_checkpoint, save_checkpoint
 
     model = GPTModel(get_config("tiny", tie_weights=True, drop_rate=0.0))
     apply_lora(model, rank=2, alpha=4)

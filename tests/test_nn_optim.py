@@ -10,35 +10,10 @@ import torch.nn.functional as TF
 import engine
 from engine import functional as F
 from engine import nn, optim
-
-# --- a one-layer transformer in our engine and its torch twin ---
-V, T, D, H = 11, 6, 8, 2
+from tests.helpers.models import D, H, OurBlock, T, V
 
 
-class OurBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.tok = nn.Embedding(V, D)
-        self.pos = nn.Embedding(T, D)
-        self.ln1 = nn.LayerNorm(D)
-        self.qkv = nn.Linear(D, 3 * D)
-        self.proj = nn.Linear(D, D)
-        self.ln2 = nn.LayerNorm(D)
-        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
-        self.head = nn.Linear(D, V, bias=False)
-
-    def forward(self, ids):
-        B, t = ids.shape
-        x = self.tok(ids) + self.pos(np.arange(t))  # (B, T, D)
-        q, k, v = (
-            self.qkv(self.ln1(x)).reshape(B, t, 3, H, D // H).permute(2, 0, 3, 1, 4)[i] for i in range(3)
-        )  # each (B, H, T, hd)
-        a = F.causal_attention(q, k, v).permute(0, 2, 1, 3).reshape(B, t, D)
-        x = x + self.proj(a)
-        x = x + self.mlp(self.ln2(x))
-        return self.head(x)
-
-
+# --- the one-layer transformer's torch twin (ours: tests.helpers.models.OurBlock) ---
 def torch_forward(p, ids):
     B, t = ids.shape
     x = p["tok.weight"][ids] + p["pos.weight"][torch.arange(t)]
@@ -168,6 +143,37 @@ def test_warmup_cosine_schedule():
     assert opt.lr == pytest.approx(0.55)
 
 
+@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("nan"), float("inf"), None])
+def test_clip_grad_norm_rejects_a_bad_max_norm(max_norm):
+    p = nn.Parameter(np.zeros(3))
+    p.grad = np.ones(3)
+    with pytest.raises(ValueError, match=rf"max_norm must be a finite number > 0, got {max_norm}"):
+        optim.clip_grad_norm_([p], max_norm)
+    np.testing.assert_array_equal(p.grad, np.ones(3))  # untouched
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"peak_lr": 0.0}, "peak_lr must be a finite number > 0, got 0.0"),
+    ({"peak_lr": float("nan")}, "peak_lr must be a finite number > 0, got nan"),
+    ({"min_lr": -1.0}, r"min_lr must be a finite number in \[0, peak_lr=1.0\], got -1.0"),
+    ({"min_lr": 2.0}, "min_lr must be .* got 2.0"),
+    ({"initial_lr": float("inf")}, "initial_lr must be .* got inf"),
+    ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
+    ({"total_steps": 0}, "total_steps must be an integer >= 1, got 0"),
+    ({"total_steps": 2.5}, "total_steps must be an integer >= 1, got 2.5"),
+    ({"step": -1}, "step must be an integer >= 0, got -1"),
+])
+def test_schedule_rejects_bad_settings(change, message):
+    kwargs = dict(step=0, peak_lr=1.0, warmup_steps=2, total_steps=10, initial_lr=0.0, min_lr=0.1)
+    with pytest.raises(ValueError, match=f"warmup_cosine_lr: {message}"):
+        optim.warmup_cosine_lr(**{**kwargs, **change})
+    opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=0.0)
+    kwargs.pop("step")
+    if "step" not in change:
+        with pytest.raises(ValueError, match=message):
+            optim.WarmupCosineSchedule(opt, **{**kwargs, **change})
+
+
 def test_module_registration_and_parameters():
     m = OurBlock()
     names = [n for n, _ in m.named_parameters()]
@@ -180,6 +186,17 @@ def test_module_registration_and_parameters():
     assert all(sub.training for sub in m.modules())
     m.requires_grad_(False)
     assert m.num_parameters(trainable_only=True) == 0
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_evaluating_restores_the_mode_also_after_an_error(mode):
+    m = OurBlock().train(mode)
+    with m.evaluating() as same:
+        assert same is m and not any(sub.training for sub in m.modules())
+    assert all(sub.training == mode for sub in m.modules())
+    with pytest.raises(RuntimeError), m.evaluating():
+        raise RuntimeError("inside")
+    assert all(sub.training == mode for sub in m.modules())
 
 
 def test_tied_weights_are_one_parameter_but_two_state_dict_keys():

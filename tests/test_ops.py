@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import engine
-from tests.op_check import check_op
+from tests.helpers.op_check import check_op
 
 BINARY_SHAPES = [
     ((3, 4), (3, 4)),

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from model.bpe import BytePairTokenizer
-from model.datadir import data_file, resolve_data_dir
-from model.gpt2_tokenizer import gpt2_tokenizer
-from model.tokenizer import SimpleTokenizerV1, SimpleTokenizerV2, UnknownTokenError, build_vocab, split_words
+from model.data.datadir import data_file, resolve_data_dir
+from model.tokenizers.bpe import BytePairTokenizer
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.tokenizers.simple import SimpleTokenizerV1, SimpleTokenizerV2, UnknownTokenError, build_vocab, split_words
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +233,15 @@ def test_train_warns_when_text_runs_out_of_pairs():
         tokenizer = BytePairTokenizer.train("ab ab", vocab_size=300)
     assert tokenizer.vocab_size < 300
     assert tokenizer.decode(tokenizer.encode("ab ab ba")) == "ab ab ba"
+
+
+def test_one_rule_for_special_tokens_in_text():
+    """encode_text: <|endoftext|> in text is the token, on tiktoken and our BPE alike; other specials are text."""
+    from model.tokenizers.gpt2 import encode_text
+
+    fast = gpt2_tokenizer()
+    ours = BytePairTokenizer.from_gpt2_files(data_file("gpt2/encoder.json"), data_file("gpt2/vocab.bpe"))
+    text = "Hi<|endoftext|>there <|fim_prefix|>"
+    assert encode_text(fast, text) == encode_text(ours, text)
+    assert encode_text(fast, text).count(50256) == 1
+    assert encode_text(fast, "<|fim_prefix|>") == fast.encode_ordinary("<|fim_prefix|>")

@@ -23,12 +23,13 @@ import pytest
 
 import engine
 from model import train as T
-from model.checkpoint import load_checkpoint
 from model.config import get_config
-from model.data import DataLoader, create_dataloaders
-from model.datadir import data_file, resolve_data_dir
+from model.data.datadir import data_file, resolve_data_dir
+from model.data.windows import DataLoader, create_dataloaders
 from model.gpt import GPTModel
-from model.gpt2_tokenizer import gpt2_tokenizer
+from model.tokenizers.gpt2 import gpt2_tokenizer
+from model.training import loop as L
+from model.weights.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -129,8 +130,8 @@ def tiny_model_and_optimizer(lr: float = 1e-3):
 
 def test_loss_goes_down(verdict_loaders):
     model, optimizer = tiny_model_and_optimizer()
-    config = T.TrainConfig(epochs=1, lr=4e-3, max_steps=15, eval_interval=14, eval_iters=2, sample_prompt=None)
-    h = T.train(model, optimizer, *verdict_loaders, config, progress=False, log=lambda s: None)
+    config = L.TrainConfig(epochs=1, lr=4e-3, max_steps=15, eval_interval=14, eval_iters=2, sample_prompt=None)
+    h = L.train(model, optimizer, *verdict_loaders, config, progress=False, log=lambda s: None)
     assert len(h["step_loss"]) == 15 and h["step"] == [1, 15]
     assert h["step_loss"][0] > 10.5  # ~ln(50257): an untrained model guesses uniformly
     assert h["step_loss"][-1] < h["step_loss"][0] - 2.0, h["step_loss"]
@@ -146,8 +147,8 @@ def test_interrupt_from_a_callback_hands_the_step_boundary_to_save_fn(verdict_lo
         if state.step == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(T.TrainingInterrupted) as info:
-        T.train(model, optimizer, *verdict_loaders, T.TrainConfig(eval_interval=100, sample_prompt=None),
+    with pytest.raises(L.TrainingInterrupted) as info:
+        L.train(model, optimizer, *verdict_loaders, L.TrainConfig(eval_interval=100, sample_prompt=None),
                 save_fn=lambda st: saved.append(st.to_dict()) or "ckpt", on_step=stop_after_two, progress=False)
     assert info.value.checkpoint == "ckpt" and info.value.state.step == 2
     state = saved[0]
@@ -164,17 +165,17 @@ def test_calc_loss_loader_leaves_the_loader_epoch_alone():
         calls.append(x.shape)
         return engine.tensor(1.5)
 
-    assert T.calc_loss_loader(loader, None, num_batches=3, loss_fn=fake_loss) == 1.5
+    assert L.calc_loss_loader(loader, None, num_batches=3, loss_fn=fake_loss) == 1.5
     assert len(calls) == 3 and loader.epoch == 0  # all 3 batches read, yet no epoch counted
-    assert math.isnan(T.calc_loss_loader(DataLoader([], batch_size=2), None))
+    assert math.isnan(L.calc_loss_loader(DataLoader([], batch_size=2), None))
 
 
 def test_lr_schedule():
-    constant = T.TrainConfig(lr=1e-3)
+    constant = L.TrainConfig(lr=1e-3)
     assert constant.lr_at(0, 100) == constant.lr_at(99, 100) == 1e-3
-    warm = T.TrainConfig(lr=1e-3, warmup_steps=10)
+    warm = L.TrainConfig(lr=1e-3, warmup_steps=10)
     assert warm.lr_at(5, 100) == pytest.approx(5e-4) and warm.lr_at(50, 100) == 1e-3
-    cosine = T.TrainConfig(lr=1e-3, warmup_steps=10, min_lr=1e-4)
+    cosine = L.TrainConfig(lr=1e-3, warmup_steps=10, min_lr=1e-4)
     assert cosine.lr_at(10, 100) == pytest.approx(1e-3) and cosine.lr_at(100, 100) == pytest.approx(1e-4)
 
 
@@ -191,12 +192,12 @@ def test_bf16_precision_runs_the_loss_under_autocast():
 
     from model.config import get_config
     from model.gpt import GPTModel
-    from model.train import bf16_loss_batch
+    from model.training.loop import calc_loss_batch, under_autocast
 
     engine.set_backend("triton")
     model = GPTModel(get_config("tiny", vocab_size=97, context_length=8, emb_dim=32, n_heads=2, n_layers=1))
     ids = np.arange(16).reshape(2, 8) % 97
-    loss = bf16_loss_batch(ids, ids, model)
+    loss = under_autocast(calc_loss_batch)(ids, ids, model)
     assert loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())

@@ -57,7 +57,7 @@ def plot_curves(
 
 
 def plot_losses(history: Mapping[str, Sequence[float]], path: str | os.PathLike) -> Path:
-    """Train and val loss at each evaluation of a `model.train.train` history, against
+    """Train and val loss at each evaluation of a `model.training.loop.train` history, against
     optimizer steps (bottom axis) and tokens seen (top axis)."""
     return plot_curves(
         history["step"],

@@ -2,7 +2,7 @@
 
 `SimpleTokenizerV1` knows only the words it was built from; `SimpleTokenizerV2` maps
 unknown words to ``<|unk|>`` and knows ``<|endoftext|>``. They exist to teach the idea;
-the models use byte-pair encoding (`model.bpe`, `model.gpt2_tokenizer`).
+the models use byte-pair encoding (`model.tokenizers.bpe`, `model.tokenizers.gpt2`).
 """
 
 from __future__ import annotations

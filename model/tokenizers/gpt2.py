@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 
-from model.bpe import BytePairTokenizer
-from model.datadir import data_file
+from model.data.datadir import data_file
+from model.tokenizers.bpe import ENDOFTEXT, BytePairTokenizer
 
 
 def gpt2_tokenizer(data_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:
@@ -26,3 +27,14 @@ def gpt2_tokenizer(data_dir: str | os.PathLike | None = None) -> tiktoken.Encodi
 @functools.lru_cache(maxsize=None)
 def _load(encoder_json: Path, vocab_bpe: Path) -> tiktoken.Encoding:
     return BytePairTokenizer.from_gpt2_files(encoder_json, vocab_bpe).to_tiktoken("gpt2")
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """The project's one rule for special tokens: ``<|endoftext|>`` written in the text is the
+    end-of-text token (the book's pretraining text and prompts use it so); any other
+    special-token text is ordinary text. Works for tiktoken, our BPE and the simple tokenizers."""
+    if isinstance(tokenizer, tiktoken.Encoding):
+        return tokenizer.encode(text, allowed_special={ENDOFTEXT}, disallowed_special=())
+    if isinstance(tokenizer, BytePairTokenizer):
+        return tokenizer.encode(text, allowed_special={ENDOFTEXT})
+    return tokenizer.encode(text)

@@ -1,6 +1,6 @@
-"""A tiny float64 training run through model.train.train, for tests/test_distributed.py.
+"""A tiny float64 training run through model.training.loop.train, for tests/test_distributed.py.
 
-``python -m tests.ddp_run OUT_DIR`` trains alone; under torchrun (or with RANK, WORLD_SIZE,
+``python -m tests.helpers.ddp_run OUT_DIR`` trains alone; under torchrun (or with RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) each process takes its shard of every global batch.
 Rank 0 writes ``history.json`` and ``weights.npz`` to OUT_DIR. Random tokens over a 97-word
 vocabulary keep it fast; dropout is off so a shard sees what its rows see in the one-process run.
@@ -21,14 +21,14 @@ import numpy as np
 import engine
 from engine import optim
 from model.config import get_config
-from model.data import DataLoader, SlidingWindowDataset
-from model.distributed import Distributed, run_maybe_distributed
+from model.data.windows import DataLoader, SlidingWindowDataset
 from model.gpt import GPTModel
-from model.train import TrainConfig, train
+from model.training.distributed import Distributed, run_maybe_distributed
+from model.training.loop import TrainConfig, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.ddp_run")
+    p = argparse.ArgumentParser(prog="python -m tests.helpers.ddp_run")
     p.add_argument("out_dir")
     p.add_argument("--global-batch", type=int, default=4, help="rows per global batch (per rank x ranks)")
     p.add_argument("--steps", type=int, default=5)

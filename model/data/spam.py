@@ -4,7 +4,8 @@ Pipeline, as the book does it (its pandas calls are mirrored with NumPy):
 
 1. `read_sms_spam`: ``sms_spam_collection/SMSSpamCollection.tsv`` from the data dir,
    5574 lines ``label<TAB>text`` (4827 ham, 747 spam). Fields are NOT quoted, so each line
-   is split on its first tab by hand (a CSV reader with default quoting merges lines).
+   is split on its first tab by hand (a CSV reader with default quoting merges lines);
+   a CRLF line end (a file saved on Windows) loses its CR.
    A missing file, a line without a tab or a label other than ham/spam raises
    `SpamDataError` naming the file and the line: nothing is skipped silently.
 2. `balance`: ham undersampled to the number of spam messages (747 + 747 = 1494), the
@@ -34,8 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from model.data import DataLoader
-from model.datadir import data_file
+from model.data.datadir import data_file
+from model.data.windows import DataLoader
 
 SPAM_FILE = "sms_spam_collection/SMSSpamCollection.tsv"
 LABELS = ("ham", "spam")  # index = class id

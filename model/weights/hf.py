@@ -9,7 +9,9 @@ Our parameter names are GPT-2's, so the map is short:
 * ``attn.bias`` / ``attn.masked_bias`` are the causal-mask buffers of old exports: ignored.
 
 GPT-2 has a qkv bias and a tied head, so a loaded config has ``qkv_bias=True`` and
-``tie_weights=True`` (unless ``tie_word_embeddings`` is false).
+``tie_weights=True`` (unless ``tie_word_embeddings`` is false). Loading checks config.json
+against the tensor shapes in the safetensors header before reading data or building the
+model, and refuses NaN/inf weights (`NonFiniteWeightsError`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +29,11 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from model.checkpoint import CheckpointError
 from model.config import GPTConfig
-from model.datadir import user_cache_dir
-from model.files import atomic_write, download
+from model.data.datadir import user_cache_dir
+from model.data.files import atomic_write, download, write_json_atomic
 from model.gpt import GPTModel, model_from_state_dict
+from model.weights.checkpoint import CheckpointError, check_finite, shape_misfits
 
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_FILES = ("config.json", "model.safetensors")
@@ -124,7 +127,7 @@ def state_to_hf(model: GPTModel) -> dict[str, np.ndarray]:
     tensors = {}
     for name, array in model.state_dict().items():
         if name == "lm_head.weight":
-            if not config.tie_weights:
+            if not head_is_tied(model):
                 tensors[name] = array
             continue
         tensors[f"transformer.{name}"] = np.ascontiguousarray(array.T) if _CONV1D.match(name) else array
@@ -133,6 +136,24 @@ def state_to_hf(model: GPTModel) -> dict[str, np.ndarray]:
             zeros = np.zeros(3 * config.emb_dim, dtype=tensors["transformer.wte.weight"].dtype)
             tensors[f"transformer.h.{i}.attn.c_attn.bias"] = zeros
     return tensors
+
+
+def head_is_tied(model: GPTModel) -> bool:
+    """Whether the head is wte's Parameter: the model decides, not ``config.tie_weights``,
+    since `merge_lora` unties a merged head of a tied config."""
+    return model.lm_head.weight is model.wte.weight
+
+
+def _hf_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
+    """Our names and shapes of the tensors in an HF file, from its header alone (no data read)."""
+    shapes = {}
+    with safetensors.safe_open(str(weights_path), framework="np") as f:
+        for hf_name in f.keys():
+            name = hf_name.removeprefix("transformer.")
+            if not _IGNORED.match(name):
+                shape = tuple(f.get_slice(hf_name).get_shape())
+                shapes[name] = shape[::-1] if _CONV1D.match(name) else shape
+    return shapes
 
 
 # --- files ---
@@ -153,22 +174,30 @@ def load_hf_gpt2(hf_dir: str | os.PathLike, **overrides: Any) -> GPTModel:
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as err:
         raise CheckpointError(f"{config_path}: not a usable GPT-2 config ({err})") from None
     try:
+        shapes = _hf_shapes(weights_path)
+        problems = shape_misfits(config, shapes)  # before reading data or allocating a model
+        if problems:
+            raise CheckpointError(f"{weights_path}: does not fit {config_path.name}: {problems}")
         tensors = safetensors.numpy.load_file(weights_path)
     except (safetensors.SafetensorError, TypeError, ValueError) as err:
         raise CheckpointError(f"{weights_path}: cannot read ({err})") from None
+    check_finite(tensors, str(weights_path), "these weights are broken: download or export them again")
     try:
-        state = state_from_hf(tensors, config)
-        return model_from_state_dict(config, state)
+        return model_from_state_dict(config, state_from_hf(tensors, config))
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{weights_path}: does not fit {config_path.name}: {err.args[0]}") from None
 
 
 def export_hf(model: GPTModel, out_dir: str | os.PathLike) -> Path:
-    """Write ``model`` as a Hugging Face GPT-2 directory (model.safetensors + config.json); returns it."""
+    """Write ``model`` as a Hugging Face GPT-2 directory (model.safetensors + config.json); returns it.
+    An untied head (``lm_head.weight``, ``tie_word_embeddings: false``) is written whatever the
+    config says, so the exported model gives the logits ``model`` gives."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(state_to_hf(model), out_dir / "model.safetensors", metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
+    tensors = state_to_hf(model)
+    config = replace(model.config, tie_weights=head_is_tied(model))
+    atomic_write(out_dir / "model.safetensors",
+                 lambda tmp: safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_json_atomic(out_dir / "config.json", config_to_hf(config))
     return out_dir
 
 

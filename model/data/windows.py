@@ -7,11 +7,12 @@ reproducible per-epoch order; `create_dataloaders` does the book's train/val spl
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from model.tokenizers.gpt2 import encode_text
 
 
 class SlidingWindowDataset:
@@ -141,17 +142,6 @@ def split_text(text: str, train_fraction: float = 0.9) -> tuple[str, str]:
     return text[:split], text[split:]
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    # tiktoken (and our BPE) refuse or ignore <|endoftext|> unless allowed; the book allows it.
-    try:
-        params = inspect.signature(tokenizer.encode).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "allowed_special" in params:
-        return tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    return tokenizer.encode(text)
-
-
 def create_dataloaders(
     text: str,
     tokenizer,
@@ -166,7 +156,7 @@ def create_dataloaders(
     loaders = []
     for name, part, train in zip(("training", "validation"), split_text(text, train_fraction), (True, False)):
         try:
-            dataset = SlidingWindowDataset(_encode(tokenizer, part), context_length, stride)
+            dataset = SlidingWindowDataset(encode_text(tokenizer, part), context_length, stride)
         except ValueError as err:
             raise ValueError(f"the {name} split ({len(part)} characters) is too short: {err}") from err
         loaders.append(DataLoader(dataset, batch_size, shuffle=train, drop_last=train, seed=seed))

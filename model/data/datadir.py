@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from model import files
+from model.data import files
 
 DATA_DIR_ENV = "SCRATCHGPT_DATA_DIR"
 

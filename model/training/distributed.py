@@ -4,8 +4,9 @@ Launched by torchrun (``python -m torch.distributed.run --nproc_per_node=N -m mo
 every process (rank) holds a full copy of the model and the optimizer. The loaders are built
 with the GLOBAL batch size, ``--batch-size`` (the per-rank batch b) times the world size N, so
 every rank walks the same global batches in the same order; `Distributed.shard` gives rank r
-rows ``[r*b, (r+1)*b)`` of each one. The mean loss over the N equal shards is the mean loss
-over the global batch, so after `Distributed.all_reduce_gradients` (a plain average) every
+rows ``[r*b, (r+1)*b)`` of each one. Each shard's token-mean loss is weighted by its share of
+the global batch's counted targets (`Distributed.sharded_loss`: padding and masked prompts leave
+the shards unequal counts), so after `Distributed.all_reduce_gradients` (a plain average) every
 rank takes the optimizer step a single process would take with batch N*b: a run on N ranks
 of b equals a one-process run of N*b, up to floating-point summation order.
 
@@ -33,6 +34,12 @@ import engine
 DEFAULT_TIMEOUT = 90.0  # seconds a collective may wait for the other ranks
 BUCKET_BYTES = 25 * 2**20  # gradients are all-reduced in flat buffers of about this size
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+IGNORE_INDEX = -100  # F.cross_entropy's default: a target that counts in no token mean
+
+
+def _counted(targets: Any) -> int:
+    """How many of ``targets`` count in a token-mean loss (those not IGNORE_INDEX)."""
+    return int((targets != IGNORE_INDEX).sum())
 
 
 class DistributedError(RuntimeError):
@@ -144,16 +151,30 @@ class Distributed:
         b = rows // self.world_size
         return batch[self.rank * b:(self.rank + 1) * b]
 
+    def sharded_loss(self, loss_fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
+        """The training step's token-mean `loss_fn` on this rank's shard of a global batch, times
+        (the shard's counted targets / the batch's) x world_size: the average over the ranks, of
+        the gradients (`all_reduce_gradients`) and of the value (`average`), is then the token
+        mean over the global batch, as one process computes it, even when padding or a masked
+        prompt leaves the shards unequal counts. The factor is exactly 1 when they are equal."""
+        def loss(inputs: Any, targets: Any, model: Any) -> engine.Tensor:
+            shard_targets = self.shard(targets)
+            weight = _counted(shard_targets) * self.world_size / max(_counted(targets), 1)
+            shard_loss = loss_fn(self.shard(inputs), shard_targets, model)
+            return shard_loss if weight == 1 else shard_loss * weight
+        return loss
+
     def sharded_mean(self, loss_fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
         """`loss_fn` evaluated data-parallel: each rank takes a share of the rows (any number,
-        even zero) and the row-weighted mean over all ranks comes back as a scalar tensor, the
-        same on every rank. For evaluation (no graph); exact for the next-token loss, where
-        every row holds the same number of tokens."""
+        even zero) and the mean over all ranks, weighted by counted targets, comes back as a
+        scalar tensor, the same on every rank: the token mean of the whole batch. For evaluation
+        (no graph)."""
         def loss(inputs: Any, targets: Any, model: Any) -> engine.Tensor:
             rows = inputs.shape[0]
             lo, hi = self.rank * rows // self.world_size, (self.rank + 1) * rows // self.world_size
-            local = float(loss_fn(inputs[lo:hi], targets[lo:hi], model).item()) * (hi - lo) if hi > lo else 0.0
-            total = self._torch.tensor([local, float(hi - lo)], dtype=self._torch.float64, device=self._device)
+            counted = _counted(targets[lo:hi])
+            local = float(loss_fn(inputs[lo:hi], targets[lo:hi], model).item()) * counted if counted else 0.0
+            total = self._torch.tensor([local, float(counted)], dtype=self._torch.float64, device=self._device)
             self._call("all_reduce (evaluation loss)", self._dist.all_reduce, total)
             return engine.tensor(float(total[0] / total[1]), dtype="float64")
         return loss

@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model.datadir import data_file
+from model.data.datadir import data_file
+from model.tokenizers.gpt2 import encode_text
 
 INSTRUCTION_DATA_FILE = "instruction-data.json"
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, also used as padding
@@ -136,8 +137,8 @@ class InstructionDataset:
         self.examples: list[InstructionExample] = []
         for entry in self.entries:
             prompt = format_input(entry)
-            ids = tokenizer.encode(prompt + format_response(entry))
-            prompt_ids = tokenizer.encode(prompt)
+            ids = encode_text(tokenizer, prompt + format_response(entry))
+            prompt_ids = encode_text(tokenizer, prompt)
             # NOTE: as in the book's exercise 7.2 the prompt is tokenized on its own; should
             # BPE merge across the prompt/response boundary, only the common prefix counts.
             n = 0

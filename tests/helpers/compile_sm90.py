@@ -1,6 +1,6 @@
 """Compile every Triton kernel configuration for the H100 (sm_90) without a GPU.
 
-    python tests/compile_sm90.py [--jobs 2] [--expect-version 3.6] [--fresh-cache] [--only NAME]
+    python tests/helpers/compile_sm90.py [--jobs 2] [--expect-version 3.6] [--fresh-cache] [--only NAME]
 
 Finds every module in ``kernels/`` that defines ``sm90_compile_specs()``, compiles each
 ``CompileSpec`` with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (the wheel ships
@@ -33,7 +33,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 import triton  # noqa: E402

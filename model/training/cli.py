@@ -1,0 +1,155 @@
+"""The flags every training command shares: one name, default, help text and check each.
+
+A command builds its parser with `command_parser`, adds the shared groups with
+`add_training_command_arguments(parser, recipe)`, and adds only what is its own. The
+`Recipe` holds the values a book chapter chose (learning rate, epochs, batch size, ...):
+they are the only defaults that differ between commands. `check_args` is the one place
+numeric flags are validated (a user mistake: one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from model.config import PRESETS
+from model.data.datadir import add_data_dir_argument
+from model.training.distributed import add_ddp_argument
+from model.weights.hf import HF_MODELS
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" once: not for None/False, nor where the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def command_parser(command: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``python -m model.<command>``: that usage line, the shared help formatter."""
+    return argparse.ArgumentParser(prog=f"python -m model.{command}", description=description, epilog=epilog,
+                                   formatter_class=HelpFormatter)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A command's own defaults: the values of the book chapter it reproduces."""
+
+    out_dir: str
+    epochs: int
+    batch_size: int
+    lr: float
+    eval_interval: int
+    drop_rate: float
+    start: str  # the start model when no --checkpoint/--hf-model/--hf-dir/--preset is given, in words
+    preset: str | None = None  # random initialisation of this preset by default ...
+    hf_model: str | None = None  # ... or this Hugging Face GPT-2
+    context_length: int | None = None  # the default --preset's context length in this recipe (None: the preset's)
+    eval_iters: int = 5
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
+    """Where and how a run executes: backend, seed, output dir, progress bar, data dir, DDP."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--backend", choices=("numpy", "triton"), default=None,
+                   help="engine backend (default: triton with a CUDA GPU, else numpy)")
+    g.add_argument("--seed", type=int, default=123, help="seed of weight init, dropout and data order")
+    g.add_argument("--out-dir", default=recipe.out_dir, help="where the checkpoint, plots and history go")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_data_dir_argument(g)
+    add_ddp_argument(g)
+
+
+def add_start_model_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
+    """The model to start from (model.weights.start.load_start_model reads these)."""
+    g = parser.add_argument_group(f"start model (default: {recipe.start})")
+    source = g.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="our GPT checkpoint to start from (PATH.safetensors + PATH.json, e.g. from model.train)")
+    source.add_argument("--hf-model", choices=HF_MODELS, default=None,
+                        help="OpenAI's GPT-2 weights, downloaded from huggingface.co into --cache-dir")
+    source.add_argument("--hf-dir", metavar="DIR",
+                        help="a local Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    source.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="random initialisation of this model configuration")
+    g.add_argument("--context-length", type=int, default=None,
+                   help="context length of a randomly initialised model (default: the preset's)")
+    g.add_argument("--drop-rate", type=float, default=recipe.drop_rate, help="dropout rate of the model")
+    g.add_argument("--cache-dir", metavar="DIR", default=None, help="where --hf-model downloads are kept")
+
+
+def add_optimization_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
+    """The loop: how long, how big a batch, AdamW and its schedule, evaluation, precision."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=recipe.epochs, help="passes over the training split")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    g.add_argument("--batch-size", type=int, default=recipe.batch_size,
+                   help="examples per batch (per process under torchrun)")
+    g.add_argument("--lr", type=float, default=recipe.lr, help="(peak) learning rate of AdamW")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay")
+    g.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear learning-rate warmup from 0 over this many steps (default: 0, none)")
+    g.add_argument("--min-lr", type=float, default=None,
+                   help="cosine-decay the learning rate to this after warmup (default: no decay)")
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm to this (default: off)")
+    g.add_argument("--eval-interval", type=int, default=recipe.eval_interval,
+                   help="evaluate train/val loss every this many steps (after steps 1, 1+k, ...)")
+    g.add_argument("--eval-iters", type=int, default=recipe.eval_iters, help="batches per loader in each evaluation")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="compute precision; bf16 needs the triton backend")
+    add_resume_argument(g)
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("LoRA (the book's appendix E)")
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help="train low-rank adapters of this rank instead of the weights (0: off)")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (update = alpha/rank * BA)")
+
+
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    """``--resume``, read by model.training.run.parse_with_resume."""
+    parser.add_argument("--resume", metavar="PATH", default=None,
+                        help="continue the run saved in this checkpoint (path with or without extension); "
+                             "its settings are the defaults, flags given here override them")
+
+
+def add_training_command_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
+    """Every shared group, in the order --help lists them."""
+    add_start_model_arguments(parser, recipe)
+    add_optimization_arguments(parser, recipe)
+    add_lora_arguments(parser)
+    add_run_arguments(parser, recipe)
+
+
+# --- validation ---
+# (flag, smallest allowed value, whether the bound is included); a flag a command lacks, or
+# left at None ("not given"), is skipped.
+NUMERIC_LIMITS: tuple[tuple[str, float, bool], ...] = (
+    ("epochs", 1, True), ("max_steps", 1, True), ("batch_size", 1, True), ("eval_interval", 1, True),
+    ("eval_iters", 1, True), ("context_length", 1, True), ("warmup_steps", 0, True), ("lora_rank", 0, True),
+    ("lr", 0, False), ("weight_decay", 0, True), ("min_lr", 0, True), ("grad_clip", 0, False),
+    ("lora_alpha", 0, False), ("drop_rate", 0, True), ("ddp_timeout", 0, False),
+    # command flags that only some commands have
+    ("max_length", 1, True), ("max_test_entries", 1, True), ("max_new_tokens", 0, True), ("judge_timeout", 0, False),
+)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               limits: tuple[tuple[str, float, bool], ...] = NUMERIC_LIMITS) -> None:
+    """Every numeric flag against its limit, and the start model's flags against each other."""
+    for name, low, inclusive in limits:
+        value: Any = getattr(args, name, None)
+        if value is None:
+            continue
+        if value < low or (value == low and not inclusive) or value != value:  # NaN fails too
+            relation = ">=" if inclusive else ">"
+            parser.error(f"--{name.replace('_', '-')} must be {relation} {low:g}, got {value}")
+    if getattr(args, "drop_rate", 0) >= 1:
+        parser.error(f"--drop-rate must be below 1, got {args.drop_rate}")
+    if getattr(args, "context_length", None) is not None and (args.checkpoint or args.hf_model or args.hf_dir):
+        parser.error("--context-length only applies to random initialisation (--preset); a pretrained model "
+                     "keeps its context length")
