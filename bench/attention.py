@@ -8,6 +8,9 @@ FLOPs follow the FlashAttention convention: forward = 4·B·H·T²·D (two T×T�
 2 FLOPs per multiply-add), halved when causal; backward = 2.5 × forward (five matmuls
 against two), so forward+backward = 3.5 × forward.
 
+``--group G`` runs grouped-query attention (H / G K/V heads, as Llama 3 and Qwen3): ours reads
+the shared K/V heads in place, SDPA gets ``enable_gqa=True``, the naive provider repeats them.
+
 Without a GPU the NumPy reference is compared with torch on the CPU at small T instead.
 """
 
@@ -30,8 +33,9 @@ def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> 
 
 
 def naive_attention(q, k, v, causal: bool):
-    """Materialises the (T, T) scores: the memory cost the fused kernel avoids."""
+    """Materialises the (T, T) scores (and repeated K/V heads): the memory cost the fused kernel avoids."""
     T = q.shape[2]
+    k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
     if causal:
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
@@ -46,13 +50,16 @@ def naive_attention(q, k, v, causal: bool):
 
 def _providers(causal: bool) -> dict:
     """name -> attention(q, k, v) returning o; autograd-capable except ours (own backward)."""
-    providers = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+
+    providers = {"sdpa": sdpa}
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def sdpa_flash(q, k, v):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return sdpa(q, k, v)
 
         providers["sdpa-flash"] = sdpa_flash
     except ImportError:
@@ -122,7 +129,9 @@ def bench_cuda(args) -> None:
             for T in args.seqlens:
                 B = max(1, args.tokens // T)
                 gen = torch.Generator(device="cuda").manual_seed(0)
-                q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
+                q, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+                k, v = (torch.randn(B, H // args.group, T, D, device="cuda", dtype=dtype, generator=gen)
+                        for _ in range(2))
                 flops = attention_flops(B, H, T, D, args.causal, mode)
                 results = {}
                 for name in ["ours", *providers]:
@@ -170,14 +179,15 @@ def _cpu_steps(mode: str, q, k, v, do, causal: bool):
 
         def theirs():
             with torch.no_grad():
-                F.scaled_dot_product_attention(*leaves, is_causal=causal)
+                F.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
     else:
         def ours():
             o, lse = ref.attention_forward(q, k, v, causal=causal)
             ref.attention_backward(do, q, k, v, o, lse, causal=causal)
 
         def theirs():
-            F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(torch.from_numpy(do))
+            gqa = k.shape[1] != q.shape[1]
+            F.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=gqa).backward(torch.from_numpy(do))
     return ours, theirs
 
 
@@ -191,7 +201,8 @@ def bench_cpu(args) -> None:
     rng = np.random.default_rng(0)
     for mode in args.modes:
         for T in seqlens:
-            q, k, v, do = rng.standard_normal((4, B, H, T, D), dtype=np.float32)
+            q, do = rng.standard_normal((2, B, H, T, D), dtype=np.float32)
+            k, v = rng.standard_normal((2, B, H // args.group, T, D), dtype=np.float32)
             ours, theirs = _cpu_steps(mode, q, k, v, do, args.causal)
             ms_ours, ms_torch = _time_cpu(ours, args.repeats), _time_cpu(theirs, args.repeats)
             print(f"{mode:8} {T:>5} {ms_ours:13.2f} {ms_torch:14.2f} {ms_torch / ms_ours:7.2f}x")
@@ -208,6 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"],
                         help="what to time")
     parser.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
+    parser.add_argument("--group", type=int, default=1,
+                        help="query heads per K/V head (grouped-query attention; 4 for Llama 3.2 1B)")
     parser.add_argument("--naive-max-t", type=int, default=8192,
                         help="skip the naive provider above this T (its T×T scores grow quadratically)")
     parser.add_argument("--repeats", type=int, default=5,

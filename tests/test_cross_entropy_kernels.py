@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import cross_entropy as tri
 from kernels import cross_entropy_ref as ref
-from tests.conftest import kernel_device
+from tests.helpers.kernel_check import kernel_device
 from tests.helpers.op_check import assert_close
 
 DEVICE = kernel_device()

@@ -10,8 +10,8 @@ import torch
 
 from kernels import rmsnorm as tri
 from kernels import rmsnorm_ref as ref
-from tests.conftest import kernel_device
-from tests.op_check import assert_close
+from tests.helpers.kernel_check import kernel_device
+from tests.helpers.op_check import assert_close
 
 DEVICE = kernel_device()
 

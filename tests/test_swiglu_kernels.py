@@ -6,8 +6,8 @@ import torch
 
 from kernels import swiglu as tri
 from kernels import swiglu_ref as ref
-from tests.conftest import kernel_device
-from tests.op_check import assert_close
+from tests.helpers.kernel_check import kernel_device
+from tests.helpers.op_check import assert_close
 
 DEVICE = kernel_device()
 
