@@ -116,7 +116,7 @@ def bench_cuda(args) -> None:
     if args.quick:
         args.head_dims, args.seqlens = [64], [512, 2048]
     dtype = DTYPES[args.dtype]
-    print(f"causal={args.causal}, {args.dtype}, B·T = {args.tokens} tokens, "
+    print(f"causal={args.causal}, {args.dtype}, {args.group} query heads per K/V head, B·T = {args.tokens} tokens, "
           f"H·D = {args.model_dim}")
     header = (f"{'mode':8} {'D':>4} {'T':>6} {'B':>4} {'H':>3} {'provider':11} {'ms':>9} {'TFLOP/s':>8} "
               f"{'vs sdpa':>8} {'peak MiB':>9}")
@@ -194,7 +194,7 @@ def _cpu_steps(mode: str, q, k, v, do, causal: bool):
 def bench_cpu(args) -> None:
     B, H, D = 1, 4, 64
     seqlens = [128, 256] if args.quick else [128, 256, 512]
-    print(f"causal={args.causal}, float32, B={B}, H={H}, D={D}")
+    print(f"causal={args.causal}, float32, B={B}, H={H}, K/V heads {H // args.group}, D={D}")
     header = f"{'mode':8} {'T':>5} {'numpy ref ms':>13} {'torch sdpa ms':>14} {'vs sdpa':>8}"
     print(header)
     print("-" * len(header))
