@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import engine
-from bench.common import print_table
+from bench.common import bench_main, print_table
 from engine import functional as F
 
 EMB, VOCAB = 768, 50257
@@ -106,18 +106,25 @@ def measure(n: int, on_cuda: bool, repeats: int) -> list[tuple]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     on_cuda = torch.cuda.is_available()
     parser.add_argument("--tokens", default=GPU_TOKENS if on_cuda else CPU_TOKENS,
                         help="comma-separated token counts N = B·T")
     parser.add_argument("--repeats", type=int, default=10 if on_cuda else 3, help="timed steps per provider")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace, on_cuda: bool) -> None:
+    """Print the table (its own columns) for every N in --tokens."""
     engine.set_backend("triton" if on_cuda else "numpy")
-    print(f"{'GPU ' + torch.cuda.get_device_name() if on_cuda else 'no GPU: numpy backend vs torch CPU'}; "
-          f"E={EMB}, V={VOCAB}, fp32, loss + backward")
-    rows = [row for n in args.tokens.split(",") for row in measure(int(n), on_cuda, args.repeats)]
+    print(f"E={EMB}, V={VOCAB}, fp32, loss + backward")
+    repeats = 1 if args.quick else args.repeats
+    rows = [row for n in args.tokens.split(",") for row in measure(int(n), on_cuda, repeats)]
     print_table(("N", "provider", "ms", "spread ms", "peak MB", "peak vs unfused", "speed vs unfused", "loss"), rows)
+
+
+def main() -> None:
+    bench_main("cross_entropy", __doc__, "LM head + loss", lambda args: run(args, True),
+               lambda args: run(args, False), add_arguments)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Training throughput of our GPT against the same GPT in plain PyTorch: ``python -m bench.train``.
 
 Both models start from the same weights (ours, copied into `bench.torch_gpt`), see the
-same batches of the-verdict.txt and take AdamW steps with the same settings, dropout off.
-Each provider runs ``--warmup`` untimed steps, then ``--steps`` timed ones; the table
-gives ms/step, tokens/s and the ratio of our tokens/s to each provider's, and the largest
-difference between the first losses (fp32 runs should agree to ~1e-4).
+same batches of the-verdict.txt and take AdamW steps with the same settings (dropout off
+unless ``--drop-rate``). Each provider runs in its own process (so one's memory does not
+count against another's): ``--warmup`` untimed steps, then ``--steps`` timed ones. The table
+gives ms/step, tokens/s, the ratio of our tokens/s to each provider's, the time of each
+phase (forward with the loss, backward, optimizer step), the peak resident memory of the
+timed steps, and the largest difference between the first losses (fp32 runs without
+dropout should agree to ~1e-4).
 
 * CPU: our numpy backend against torch eager on the CPU (torch's default thread count).
 * GPU: our triton backend against torch eager in fp32, torch eager with bf16 autocast
@@ -15,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 
 import numpy as np
 import torch
@@ -42,6 +49,8 @@ class Result:
     seconds_per_step: float | None  # None: the provider failed
     losses: list[float]
     note: str = ""
+    phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds per step
+    peak_mib: float | None = None  # peak resident memory over the timed steps
 
 
 def make_batches(n: int, batch_size: int, context_length: int, vocab_size: int,
@@ -63,79 +72,152 @@ def make_batches(n: int, batch_size: int, context_length: int, vocab_size: int,
     return batches[:n]
 
 
-def run_steps(step: Callable[[np.ndarray, np.ndarray], float], batches: list, warmup: int,
-              sync: Callable[[], None]) -> tuple[float, list[float]]:
-    """Run every batch through `step`; time all but the first `warmup`. Returns (s/step, losses)."""
-    losses = [step(x, y) for x, y in batches[:warmup]]
-    sync()
-    start = time.perf_counter()
-    losses += [step(x, y) for x, y in batches[warmup:]]
-    sync()
-    return (time.perf_counter() - start) / max(1, len(batches) - warmup), losses
+PHASES = ("forward", "backward", "optimizer")
+
+
+def reset_peak_memory() -> None:
+    """Start the peak-resident-memory count afresh (Linux: /proc/self/clear_refs), so setup
+    done before the timed steps (building the weights to copy) does not count."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mib() -> float:
+    """Peak resident memory since reset_peak_memory (the process's, where that is not possible)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_steps(phases: Callable[[np.ndarray, np.ndarray], tuple], batches: list, warmup: int,
+              sync: Callable[[], None]) -> tuple[float, dict[str, float], list[float]]:
+    """Run every batch through the three callables `phases(x, y)` gives (forward returning the
+    loss, backward, optimizer step); time all but the first `warmup`.
+    Returns (s/step, s/step per phase, losses)."""
+    losses: list[float] = []
+    totals = dict.fromkeys(PHASES, 0.0)
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            sync()
+            totals = dict.fromkeys(PHASES, 0.0)
+        for name, fn in zip(PHASES, phases(x, y)):
+            start = time.perf_counter()
+            out = fn()
+            sync()
+            totals[name] += time.perf_counter() - start
+            if name == "forward":
+                losses.append(out)
+    timed = max(1, len(batches) - warmup)
+    per_phase = {name: t / timed for name, t in totals.items()}
+    return sum(per_phase.values()), per_phase, losses
 
 
 def bench_ours(model: GPTModel, batches, warmup) -> Result:
     """Our model on the active backend."""
     optimizer = engine.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    state: dict = {}
 
-    def step(x: np.ndarray, y: np.ndarray) -> float:
+    def forward(x: np.ndarray, y: np.ndarray) -> float:
         optimizer.zero_grad()
-        loss = calc_loss_batch(x, y, model)
-        loss.backward()
-        optimizer.step()
-        return float(loss.item())
+        state["loss"] = calc_loss_batch(x, y, model)
+        return float(state["loss"].item())
+
+    def phases(x, y):
+        return (lambda: forward(x, y)), (lambda: state.pop("loss").backward()), optimizer.step
 
     backend = engine.get_backend()
     sync = torch.cuda.synchronize if backend.name == "triton" and torch.cuda.is_available() else (lambda: None)
-    seconds, losses = run_steps(step, batches, warmup, sync)
-    return Result(f"ours ({backend.name} backend, fp32)", seconds, losses)
+    reset_peak_memory()
+    seconds, per_phase, losses = run_steps(phases, batches, warmup, sync)
+    return Result(f"ours ({backend.name} backend, fp32)", seconds, losses, phases=per_phase,
+                  peak_mib=peak_memory_mib())
 
 
 def bench_torch(name: str, config, initial, batches, warmup, device: str, bf16: bool = False,
                 compile_model: bool = False) -> Result:
     model = from_state_dict(config, initial, device=device)
+    initial.clear()  # our copy of the weights: not part of torch's memory
+    gc.collect()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    forward = torch.compile(model) if compile_model else model
+    forward_model = torch.compile(model) if compile_model else model
     autocast = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     on_device = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
     lookup = {id(x): pair for (x, _), pair in zip(batches, on_device)}
+    state: dict = {}
 
-    def step(x: np.ndarray, y: np.ndarray) -> float:
+    def forward(x: np.ndarray) -> float:
         xt, yt = lookup[id(x)]
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-            logits = forward(xt)  # (B, T, V)
-        loss = torch_F.cross_entropy(logits.flatten(0, 1).float(), yt.flatten())
-        loss.backward()
-        optimizer.step()
-        return float(loss.item())
+            logits = forward_model(xt)  # (B, T, V)
+        state["loss"] = torch_F.cross_entropy(logits.flatten(0, 1).float(), yt.flatten())
+        return float(state["loss"].item())
+
+    def phases(x, y):
+        return (lambda: forward(x)), (lambda: state.pop("loss").backward()), optimizer.step
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    reset_peak_memory()
     try:
-        seconds, losses = run_steps(step, batches, warmup, sync)
+        seconds, per_phase, losses = run_steps(phases, batches, warmup, sync)
     except Exception as err:  # torch.compile may be unavailable (no compiler, unsupported GPU)
         if not compile_model:
             raise
         return Result(name, None, [], f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
-    return Result(name, seconds, losses)
+    return Result(name, seconds, losses, phases=per_phase, peak_mib=peak_memory_mib())
 
 
-def print_table(results: list[Result], tokens_per_step: int) -> None:
+def run_provider(args: argparse.Namespace, provider: str) -> Result:
+    """One provider's measurement, meant to run in a process of its own."""
+    cuda = torch.cuda.is_available()
+    engine.set_backend(args.backend or ("triton" if cuda else "numpy"))
+    device = "cuda" if cuda else "cpu"
+    config = make_config(args)
+    batches = make_batches(args.warmup + args.steps, args.batch_size, config.context_length, config.vocab_size,
+                           args.data_dir)
+    engine.manual_seed(0)
+    model = GPTModel(config)
+    if provider == "ours":
+        return bench_ours(model, batches, args.warmup)
+    initial = model.state_dict()  # copies, taken before any step changes the weights
+    del model
+    if provider == "eager":
+        return bench_torch("torch eager (fp32)", config, initial, batches, args.warmup, device)
+    if provider == "eager-bf16":
+        return bench_torch("torch eager (bf16 autocast, SDPA)", config, initial, batches, args.warmup, device,
+                           bf16=True)
+    return bench_torch(f"torch.compile ({'bf16 autocast' if cuda else 'fp32'})", config, initial, batches,
+                       args.warmup, device, bf16=cuda, compile_model=True)
+
+
+def make_config(args: argparse.Namespace):
+    overrides = {"drop_rate": args.drop_rate} | ({"context_length": args.context_length} if args.context_length else {})
+    return get_config(args.preset, **overrides)
+
+
+def print_table(results: list[Result], tokens_per_step: int, dropout: bool) -> None:
     ours = results[0]
-    header = f"{'provider':<40} {'ms/step':>9} {'tokens/s':>10} {'ours/this':>10} {'max |dloss|':>12}"
+    header = (f"{'provider':<36} {'ms/step':>9} {'tokens/s':>9} {'ours/this':>9} {'fwd ms':>8} {'bwd ms':>8} "
+              f"{'opt ms':>8} {'peak MiB':>9} {'max |dloss|':>11}")
     print(header)
     print("-" * len(header))
     for r in results:
         if r.seconds_per_step is None:
-            print(f"{r.name:<40} {r.note}")
+            print(f"{r.name:<36} {r.note}")
             continue
         k = min(COMPARED_LOSSES, len(r.losses), len(ours.losses))
-        diff = "-" if r is ours else f"{np.max(np.abs(np.subtract(r.losses[:k], ours.losses[:k]))):.2e}"
+        diff = "-" if r is ours or dropout else f"{np.max(np.abs(np.subtract(r.losses[:k], ours.losses[:k]))):.2e}"
         ratio = r.seconds_per_step / ours.seconds_per_step
-        print(f"{r.name:<40} {1e3 * r.seconds_per_step:9.1f} {tokens_per_step / r.seconds_per_step:10.0f} "
-              f"{ratio:10.2f} {diff:>12}")
-    print(f"\nours/this: our tokens/s divided by the provider's (> 1: ours is faster). max |dloss|: largest "
-          f"difference to our loss over the first {COMPARED_LOSSES} steps (same weights and batches).")
+        phases = " ".join(f"{1e3 * r.phases.get(name, float('nan')):8.1f}" for name in PHASES)
+        print(f"{r.name:<36} {1e3 * r.seconds_per_step:9.1f} {tokens_per_step / r.seconds_per_step:9.0f} "
+              f"{ratio:9.2f} {phases} {r.peak_mib or float('nan'):9.0f} {diff:>11}")
+    print(f"\nours/this: our tokens/s divided by the provider's (> 1: ours is faster). fwd/bwd/opt: forward "
+          f"with the loss, backward, optimizer step. peak MiB: the provider's process's peak resident memory "
+          f"over the timed steps. max |dloss|: largest difference to our loss over the first {COMPARED_LOSSES} "
+          f"steps (same weights and batches; '-' with dropout, whose masks differ).")
     print("first losses: " + "; ".join(f"{r.name.split(' (')[0]} {[round(v, 5) for v in r.losses[:3]]}"
                                        for r in results if r.losses))
 
@@ -148,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default: 4)")
     p.add_argument("--context-length", type=int, default=None,
                    help="tokens per sequence (default: the preset's context length)")
+    p.add_argument("--drop-rate", type=float, default=0.0, help="dropout rate of both models (default: 0.0)")
     p.add_argument("--backend", choices=("numpy", "triton"), default=None,
                    help="our backend (default: triton with a CUDA GPU, else numpy)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -163,31 +246,23 @@ def main(argv: list[str] | None = None) -> None:
         args.steps, args.warmup = 3, 1
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         raise SystemExit("--steps and --batch-size must be >= 1, --warmup >= 0")
+    if not 0.0 <= args.drop_rate < 1.0:
+        raise SystemExit(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
     cuda = torch.cuda.is_available()
-    engine.set_backend(args.backend or ("triton" if cuda else "numpy"))
-    device = "cuda" if cuda else "cpu"
-    overrides = {"drop_rate": 0.0} | ({"context_length": args.context_length} if args.context_length else {})
-    config = get_config(args.preset, **overrides)
+    config = make_config(args)
     tokens = args.batch_size * config.context_length
-    batches = make_batches(args.warmup + args.steps, args.batch_size, config.context_length, config.vocab_size,
-                           args.data_dir)
-
-    engine.manual_seed(0)
-    model = GPTModel(config)
-    initial = model.state_dict()  # copies, taken before any step changes the weights
     where = torch.cuda.get_device_name() if cuda else f"CPU, torch {torch.get_num_threads()} threads"
-    print(f"training bench: {args.preset} ({count_parameters(model):,} parameters), batch "
-          f"{args.batch_size} x {config.context_length} = {tokens} tokens/step, AdamW, dropout off; "
-          f"{args.warmup} warmup + {args.steps} timed steps; {where}\n")
-    ours = bench_ours(model, batches, args.warmup)
-    results = [ours, bench_torch("torch eager (fp32)", config, initial, batches, args.warmup, device)]
-    if cuda:
-        results.append(bench_torch("torch eager (bf16 autocast, SDPA)", config, initial, batches, args.warmup,
-                                   device, bf16=True))
+    print(f"training bench: {args.preset} ({count_parameters(config):,} parameters), batch "
+          f"{args.batch_size} x {config.context_length} = {tokens} tokens/step, AdamW, dropout {args.drop_rate}; "
+          f"{args.warmup} warmup + {args.steps} timed steps, each provider in its own process; {where}\n")
+    providers = ["ours", "eager"] + (["eager-bf16"] if cuda else [])
     if args.compile if args.compile is not None else cuda:
-        results.append(bench_torch(f"torch.compile ({'bf16 autocast' if cuda else 'fp32'})", config, initial,
-                                   batches, args.warmup, device, bf16=cuda, compile_model=True))
-    print_table(results, tokens)
+        providers.append("compile")
+    results = []
+    for provider in providers:  # NOTE: a fresh process each, so peak memory is the provider's own
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            results.append(pool.submit(run_provider, args, provider).result())
+    print_table(results, tokens, args.drop_rate > 0)
 
 
 if __name__ == "__main__":

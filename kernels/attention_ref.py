@@ -1,8 +1,8 @@
 """NumPy reference for fused scaled-dot-product attention (forward + backward).
 
-The ground truth the Triton kernels in ``kernels/attention.py`` answer to, and the
-attention the numpy backend runs. Written for clarity, not speed: it builds the full
-(T, S) score matrix per head, which the kernels never do.
+The ground truth the Triton kernels in ``kernels/attention.py`` and the numpy backend's
+blocked attention (``engine/backends/numpy_attention.py``) answer to. Written for
+clarity, not speed: it builds the full (T, S) score matrix per head, which they never do.
 
 Shapes: q (B, H, T, D); k, v (B, Hkv, S, D); o (B, H, T, D); lse (B, H, T).
 
@@ -17,9 +17,6 @@ T == 1 and S keys (a KV-cache decode step) the one query sees every key.
 """
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
-
-_BLAS = ThreadpoolController()
 
 _DTYPES = (np.float32, np.float64)
 
@@ -65,26 +62,17 @@ def causal_mask(T: int, S: int) -> np.ndarray:
 
 
 def repeat_kv_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
-    """(B, Hkv, S, D) -> (B, n_heads, S, D): head h is x's head h // (n_heads / Hkv)."""
-    return np.repeat(x, n_heads // x.shape[1], axis=1)
+    """(B, Hkv, S, D) -> (B, n_heads, S, D): head h is x's head h // (n_heads / Hkv); x itself
+    when Hkv = n_heads."""
+    return x if x.shape[1] == n_heads else np.repeat(x, n_heads // x.shape[1], axis=1)
 
 
 def sum_kv_groups(dx: np.ndarray, n_kv_heads: int) -> np.ndarray:
     """(B, H, S, D) gradients of the repeated heads -> (B, n_kv_heads, S, D), summed per group."""
     B, H, S, D = dx.shape
+    if H == n_kv_heads:
+        return dx
     return dx.reshape(B, n_kv_heads, H // n_kv_heads, S, D).sum(axis=2)
-
-
-def batched_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Batched a @ b over equal leading dims, (..., M, K) @ (..., K, N) -> (..., M, N).
-
-    NOTE: the numpy backend trains through this reference, so two things measured on a
-    2-core machine matter: a stack of matrices reaches BLAS only when contiguous (transposed
-    or sliced views fall to a slow loop), and per-head products are too small for BLAS
-    threads: 24 products of 256x64x256 took 368 ms with OpenBLAS's 2 threads (a thread
-    hand-off per product) and 2.6 ms with one."""
-    with _BLAS.limit(limits=1, user_api="blas"):
-        return np.ascontiguousarray(a) @ np.ascontiguousarray(b)
 
 
 def _probabilities(q, k, scale, causal, lse=None):
@@ -92,7 +80,7 @@ def _probabilities(q, k, scale, causal, lse=None):
 
     When ``lse`` is given, P is recomputed from it as exp(S - lse), as the backward kernel does.
     """
-    scores = scale * batched_matmul(q, np.swapaxes(k, -1, -2))  # (B, H, T, S)
+    scores = scale * (q @ np.swapaxes(k, -1, -2))  # (B, H, T, S)
     if causal:
         scores = np.where(causal_mask(q.shape[2], k.shape[2]), scores, -np.inf)
     if lse is None:
@@ -124,7 +112,7 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_mask=None, dropo
     scale = 1.0 / float(np.sqrt(D)) if scale is None else float(scale)
     k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])  # (B, H, S, D)
     p, lse = _probabilities(q, k, scale, causal)  # (B, H, T, S), (B, H, T)
-    o = batched_matmul(_apply_dropout(p, dropout_mask, dropout_p), v)  # (B, H, T, D)
+    o = _apply_dropout(p, dropout_mask, dropout_p) @ v  # (B, H, T, D)
     return o.astype(q.dtype, copy=False), lse
 
 
@@ -160,12 +148,12 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_mas
 
     p, _ = _probabilities(q, k, scale, causal, lse=lse)  # (B, H, T, S)
     p_drop = _apply_dropout(p, dropout_mask, dropout_p)  # (B, H, T, S)
-    dv = batched_matmul(np.swapaxes(p_drop, -1, -2), do)  # (B, H, S, D)
-    dp = _apply_dropout(batched_matmul(do, np.swapaxes(v, -1, -2)), dropout_mask, dropout_p)  # (B, H, T, S)
+    dv = np.swapaxes(p_drop, -1, -2) @ do  # (B, H, S, D)
+    dp = _apply_dropout(do @ np.swapaxes(v, -1, -2), dropout_mask, dropout_p)  # (B, H, T, S)
     delta = (do * o).sum(axis=-1, keepdims=True)  # (B, H, T, 1)
     ds = p * (dp - delta)  # (B, H, T, S)
-    dq = dtype.type(scale) * batched_matmul(ds, k)  # (B, H, T, D)
-    dk = dtype.type(scale) * batched_matmul(np.swapaxes(ds, -1, -2), q)  # (B, H, S, D)
+    dq = dtype.type(scale) * (ds @ k)  # (B, H, T, D)
+    dk = dtype.type(scale) * (np.swapaxes(ds, -1, -2) @ q)  # (B, H, S, D)
     dk, dv = sum_kv_groups(dk, n_kv_heads), sum_kv_groups(dv, n_kv_heads)  # (B, Hkv, S, D)
     return dq.astype(dtype, copy=False), dk.astype(dtype, copy=False), dv.astype(dtype, copy=False)
 

@@ -38,7 +38,13 @@ from model.tasks.classification import (
 )
 from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training import run
-from model.training.cli import HelpFormatter, Recipe, add_training_command_arguments, command_parser
+from model.training.cli import (
+    HelpFormatter,
+    Recipe,
+    add_backend_argument,
+    add_training_command_arguments,
+    command_parser,
+)
 from model.training.loop import TrainState
 from model.weights.checkpoint import CheckpointError
 
@@ -67,8 +73,7 @@ def predict_main(argv: list[str]) -> int:
     p.add_argument("text", help="the message to classify")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="classifier checkpoint written by python -m model.classify (path with or without extension)")
-    p.add_argument("--backend", choices=("numpy", "triton"), default=None,
-                   help="engine backend (default: triton with a CUDA GPU, else numpy)")
+    add_backend_argument(p)
     add_data_dir_argument(p)
     args = p.parse_args(argv)
     if args.backend:

@@ -6,8 +6,9 @@ end-of-text token and padding targets ignored, AdamW(lr 5e-5, weight decay 0.1),
 batch 8, 2 epochs, train/val loss every 5 steps over 5 batches, then a greedy response
 (up to 256 tokens, stopping at end-of-text, with the KV cache) for every test entry.
 
-Written to ``--out-dir``: ``checkpoint.safetensors`` (metadata in its header; a plain
-GPTModel; LoRA weights are merged into it), ``loss.png``, ``history.json``,
+Written to ``--out-dir``: ``checkpoint.safetensors`` (metadata in its header, with the prompt
+template that chat and generate apply; a plain GPTModel; LoRA weights are merged into it),
+``loss.png``, ``history.json``,
 ``instruction-data-with-response.json`` (the test entries plus ``model_response``) and
 ``scores.json`` (exact match, token F1, ROUGE-L; ``--judge`` adds an Ollama LLM judge).
 ``--evaluate FILE`` only scores an existing responses file.
@@ -34,6 +35,8 @@ from model.training import run
 from model.training.cli import Recipe, add_training_command_arguments, command_parser
 from model.training.loop import calc_loss_batch
 
+# The prompt format the model learns (model.tasks.chat), stored with it so chat and generate apply it.
+TEMPLATE = {"prompt_template": "alpaca"}
 RECIPE = Recipe(out_dir="runs/instruct", epochs=2, batch_size=8, lr=5e-5, eval_interval=5, drop_rate=0.0,
                 start="OpenAI's gpt2-medium from Hugging Face, as the book", hf_model="gpt2-medium")
 
@@ -101,14 +104,14 @@ def _fine_tune(ctx: run.RunContext) -> int:
     start = time.perf_counter()
     config = run.make_train_config(args, None if args.no_sample else format_input(data.val_data[0]))
     state = run.fit(ctx, model, optimizer, data.train_loader, data.val_loader, config, loss_fn=calc_loss_batch,
-                    save=lambda st: run.save_run(ctx, model, st, optimizer=optimizer), state=state,
+                    save=lambda st: run.save_run(ctx, model, st, optimizer=optimizer, extra=TEMPLATE), state=state,
                     tokenizer=tokenizer, resume_command="python -m model.instruct")
     if state is None:
         return 130
     train_seconds = time.perf_counter() - start
     if not ctx.is_main:  # rank 0 alone saves, answers the test entries and scores them
         return 0
-    ckpt = run.save_run(ctx, model, state, optimizer=optimizer)
+    ckpt = run.save_run(ctx, model, state, optimizer=optimizer, extra=TEMPLATE)
     plot = run.write_history(ctx, state.history)
     history = state.history
     if history["train_loss"]:

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from model import classify, generate, instruct, score_responses, train
+from model import chat, classify, export, generate, instruct, score_responses, train
 from model.training.cli import HelpFormatter, Recipe, add_training_command_arguments, check_args
 
 COMMANDS = {"train": train, "classify": classify, "instruct": instruct}
@@ -36,7 +36,7 @@ def test_training_commands_share_flags_with_one_name_default_and_help():
             assert ours.default == expected, (name, dest)
 
 
-@pytest.mark.parametrize("module", [train, classify, instruct, generate, score_responses])
+@pytest.mark.parametrize("module", [train, classify, instruct, generate, score_responses, chat, export])
 def test_help_shows_python_m_and_each_default_once(module, capsys):
     parser = module.build_parser()
     assert parser.prog == f"python -m {module.__name__}" and parser.formatter_class is HelpFormatter
@@ -73,3 +73,25 @@ def test_a_preset_brings_its_context_length(tmp_path):
         ctx = RunContext(parser, parser.parse_args(["--preset", "tiny", "--out-dir", str(tmp_path)]))
         model, _ = start_model(ctx, module.RECIPE)
         assert model.config.context_length == 64
+
+
+def test_scratchgpt_lists_its_commands_and_runs_each_commands_own_parser(capsys):
+    from model import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "generate", "chat", "classify", "instruct", "score", "export"):
+        assert f"\n  {command} " in out
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.startswith("scratchgpt ")
+    for command, (module, _) in cli.COMMANDS.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: python -m model.{module}")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain"])
+    assert exit_info.value.code == 2 and "invalid choice: 'pretrain'" in capsys.readouterr().err

@@ -156,3 +156,56 @@ def test_cli_with_a_checkpoint(tmp_path, capsys):
     assert text.startswith("Every effort moves you") and len(text) > len("Every effort moves you")
     with pytest.raises(SystemExit, match="missing"):
         main(["--checkpoint", str(tmp_path / "nope"), "--backend", "numpy"])
+
+
+def test_cli_run_directory_samples_template_classifier_and_speed(tmp_path, capsys):
+    """A run directory (latest; --best refused when absent), --prompt-file, --num-samples with
+    tokens/s after each, an instruct checkpoint's template, a classifier refused in one line."""
+    from model.tasks.chat import ChatFormat, ChatSession, render_alpaca
+    from model.tokenizers.gpt2 import encode_text
+
+    engine.set_backend("numpy")
+    engine.manual_seed(0)
+    config = get_config("tiny", context_length=64, drop_rate=0.0)
+    model = GPTModel(config)
+    save_checkpoint(tmp_path / "run" / "checkpoint", model, config)
+    (tmp_path / "prompt.txt").write_text("Every effort moves you", encoding="utf-8")
+    main(["--checkpoint", str(tmp_path / "run"), "--prompt-file", str(tmp_path / "prompt.txt"), "--num-samples", "2",
+          "--temperature", "1.0", "--max-new-tokens", "4"])
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0] == "--- sample 1 of 2 ---" and lines[2] == "--- sample 2 of 2 ---"
+    assert lines[1].startswith("Every effort moves you") and lines[3].startswith("Every effort moves you")
+    assert lines[1] != lines[3]  # seeds 123 and 124
+    assert out.err.count("[4 tokens in") == 2 and out.err.count("tokens/s]") == 2
+    with pytest.raises(SystemExit, match="no best checkpoint"):
+        main(["--checkpoint", str(tmp_path / "run"), "--best"])
+
+    save_checkpoint(tmp_path / "instruct", model, config, extra={"prompt_template": "alpaca"})
+    main(["--checkpoint", str(tmp_path / "instruct"), "--prompt", "Name a color.", "--max-new-tokens", "5"])
+    tokenizer = gpt2_tokenizer()
+    fmt = ChatFormat("alpaca", lambda m: encode_text(tokenizer, render_alpaca(m)), (tokenizer.eot_token,))
+    expected = ChatSession(model, fmt, tokenizer.decode, max_new_tokens=5).send("Name a color.").text
+    out = capsys.readouterr()
+    assert out.out == expected + "\n" and "prompt template alpaca applied" in out.err
+
+    save_checkpoint(tmp_path / "classifier", model, config, extra={"classifier": {"max_length": 8}})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "classifier")])
+    assert "classify predict" in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+
+
+def test_cli_hf_dir_uses_the_folders_tokenizer_files(tmp_path, capsys):
+    """An exported folder carries vocab.json + merges.txt: no data dir needed."""
+    from model import cli
+
+    engine.set_backend("numpy")
+    engine.manual_seed(0)
+    config = get_config("tiny", context_length=32, drop_rate=0.0)
+    save_checkpoint(tmp_path / "ck", GPTModel(config), config)
+    assert cli.main(["export", str(tmp_path / "ck"), "--to", "hf", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    main(["--checkpoint", str(tmp_path / "ck"), "--max-new-tokens", "4"])
+    expected = capsys.readouterr().out
+    main(["--hf-dir", str(tmp_path / "hf"), "--max-new-tokens", "4", "--data-dir", str(tmp_path / "no-data")])
+    assert capsys.readouterr().out == expected

@@ -277,6 +277,7 @@ def test_instruct_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert (out / "loss.png").stat().st_size > 0
     model, ckpt = load_model_from_checkpoint(out / "checkpoint")
     assert ckpt.step == 2 and model.config.context_length == 64
+    assert ckpt.extra["prompt_template"] == "alpaca"  # what chat and generate apply
     capsys.readouterr()
 
     assert instruct_main(["--evaluate", str(out / "instruction-data-with-response.json"), "--no-progress"]) == 0

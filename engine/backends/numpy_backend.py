@@ -7,8 +7,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engine.backends import numpy_attention, numpy_fused, numpy_threads
 from engine.backends.base import Array, Axis, Backend, kernel_namespace
-from kernels import attention_ref, cross_entropy_ref, gelu_ref, layernorm_ref, rmsnorm_ref, rope_ref, swiglu_ref
+from kernels import cross_entropy_ref, rmsnorm_ref, rope_ref, swiglu_ref
 
 _DTYPES = {
     "float32": np.float32,
@@ -24,17 +25,18 @@ class NumpyBackend(Backend):
     name = "numpy"
 
     def __init__(self) -> None:
-        # the fused ops' kernel pairs: the NumPy references
+        # the fused ops' kernel pairs: the NumPy references of kernels/, run in cache-sized chunks
+        # on the backend's threads (numpy_fused), attention in blocks with memory linear in T
+        # (numpy_attention); each is tested against its reference
         super().__init__(
             kernel_namespace(
-                gelu_ref,
-                layernorm_ref,
+                numpy_fused,
                 rmsnorm_ref,
                 swiglu_ref,
                 rope_ref,
                 cross_entropy_ref,
-                attention_forward=attention_ref.seeded_attention_forward,
-                attention_backward=attention_ref.seeded_attention_backward,
+                attention_forward=numpy_attention.attention_forward,
+                attention_backward=numpy_attention.attention_backward,
             )
         )
         self._rng = np.random.default_rng(0)
@@ -136,10 +138,11 @@ class NumpyBackend(Backend):
         return np.concatenate(arrays, axis=axis)
 
     def matmul(self, a: Array, b: Array) -> np.ndarray:
-        # NOTE: stacks of matrices (attention heads) go through the reference's batched
-        # product: contiguous operands, one BLAS thread (see kernels/attention_ref.batched_matmul).
+        # NOTE: products are shared among our threads, one BLAS thread each (see numpy_threads)
+        if a.ndim == 2 and b.ndim == 2:
+            return numpy_threads.matmul(a, b)
         if a.ndim > 2 and a.shape[:-2] == b.shape[:-2]:
-            return attention_ref.batched_matmul(a, b)
+            return numpy_threads.batched_matmul(a, b)
         return a @ b
 
     def index(self, index: Any) -> Any:
@@ -162,19 +165,5 @@ class NumpyBackend(Backend):
             out[index] = values  # basic indexing picks each position at most once
         return out
 
-    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2_sqrt) -> None:
-        # every step in place, through one scratch buffer: no new 4-byte-per-weight arrays
-        tmp = np.multiply(g, 1 - beta1)
-        p *= 1 - lr * weight_decay
-        m *= beta1
-        m += tmp
-        np.multiply(g, g, out=tmp)
-        tmp *= 1 - beta2
-        v *= beta2
-        v += tmp
-        np.sqrt(v, out=tmp)
-        tmp *= 1 / bias2_sqrt
-        tmp += eps
-        np.divide(m, tmp, out=tmp)
-        tmp *= lr / bias1
-        p -= tmp
+    # in place, in cache-sized chunks on the backend's threads (same bits as one pass)
+    adamw_update = staticmethod(numpy_fused.adamw_update)

@@ -37,6 +37,7 @@ import numpy as np
 
 from model.data.datadir import data_file
 from model.data.windows import DataLoader
+from model.tokenizers.gpt2 import encode_text
 
 SPAM_FILE = "sms_spam_collection/SMSSpamCollection.tsv"
 LABELS = ("ham", "spam")  # index = class id
@@ -134,7 +135,7 @@ def encode_message(
     With ``warn``, a truncation raises a `TruncationWarning` saying how much was cut."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    ids = _encode(tokenizer, text)
+    ids = encode_text(tokenizer, text)
     truncated = len(ids) > max_length
     if truncated and warn:
         warnings.warn(
@@ -148,9 +149,6 @@ def encode_message(
     return out, truncated
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    encode = getattr(tokenizer, "encode_ordinary", None) or tokenizer.encode  # tiktoken: specials as text
-    return list(encode(text))
 
 
 class SpamDataset:
@@ -172,7 +170,7 @@ class SpamDataset:
     ):
         if not messages:
             raise ValueError("SpamDataset: no messages")
-        encoded = [_encode(tokenizer, m.text) for m in messages]
+        encoded = [encode_text(tokenizer, m.text) for m in messages]
         if max_length is None:
             max_length = max(len(ids) for ids in encoded)
             if context_length is not None:

@@ -24,6 +24,12 @@ def gpt2_tokenizer(data_dir: str | os.PathLike | None = None) -> tiktoken.Encodi
     return _load(data_file("gpt2/encoder.json", data_dir), data_file("gpt2/vocab.bpe", data_dir))
 
 
+def gpt2_tokenizer_from_files(vocab_json: str | os.PathLike, merges_txt: str | os.PathLike) -> tiktoken.Encoding:
+    """The GPT-2 encoding from a Hugging Face folder's ``vocab.json`` and ``merges.txt`` (the
+    same files as encoder.json and vocab.bpe under other names)."""
+    return _load(Path(vocab_json), Path(merges_txt))
+
+
 @functools.lru_cache(maxsize=None)
 def _load(encoder_json: Path, vocab_bpe: Path) -> tiktoken.Encoding:
     return BytePairTokenizer.from_gpt2_files(encoder_json, vocab_bpe).to_tiktoken("gpt2")

@@ -10,6 +10,7 @@ numeric flags are validated (a user mistake: one line, exit 2).
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def backend_name(name: str) -> str:
+    """``--backend``'s type: the triton backend needs the ``[gpu]`` extra (torch + triton)."""
+    if name == "triton":
+        try:
+            for module in ("torch", "triton"):
+                importlib.import_module(module)
+        except ImportError:
+            raise argparse.ArgumentTypeError(f'the triton backend needs {module}, which is not installed: '
+                                             'pip install -e ".[gpu]" (or use --backend numpy)') from None
+    return name
+
+
+def add_backend_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--backend", type=backend_name, choices=("numpy", "triton"), default=None,
+                        help="engine backend (default: triton with a CUDA GPU, else numpy)")
 
 
 def command_parser(command: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
@@ -54,8 +72,7 @@ class Recipe:
 def add_run_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
     """Where and how a run executes: backend, seed, output dir, progress bar, data dir, DDP."""
     g = parser.add_argument_group("run")
-    g.add_argument("--backend", choices=("numpy", "triton"), default=None,
-                   help="engine backend (default: triton with a CUDA GPU, else numpy)")
+    add_backend_argument(g)
     g.add_argument("--seed", type=int, default=123, help="seed of weight init, dropout and data order")
     g.add_argument("--out-dir", default=recipe.out_dir, help="where the checkpoint, plots and history go")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -69,9 +69,12 @@ class Distributed:
     """
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT, env: dict[str, Any] | None = None):
-        import torch
-        import torch.distributed as dist
-
+        try:
+            import torch
+            import torch.distributed as dist
+        except ImportError:
+            raise DistributedError('launched by torchrun, but torch is not installed: pip install -e ".[ddp]"') \
+                from None
         env = env if env is not None else torchrun_env()
         if env is None:
             raise DistributedError("not launched by torchrun: RANK, WORLD_SIZE, MASTER_ADDR, ... are not set")

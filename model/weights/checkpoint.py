@@ -84,6 +84,23 @@ def _base(path: str | os.PathLike) -> Path:
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
 
 
+def resolve_checkpoint(path: str | os.PathLike, best: bool = False) -> Path:
+    """The checkpoint a user means by ``path``: a checkpoint (with or without suffix), or a run
+    directory, whose latest checkpoint is ``DIR/checkpoint`` and, with ``best``, whose best
+    (lowest validation loss) is ``DIR/best``. Raises `CheckpointNotFoundError` naming what is missing."""
+    path = Path(path)
+    if not path.is_dir() or (not best and checkpoint_paths(path)[0].is_file()):  # DIR.safetensors wins
+        if best:
+            raise CheckpointError(f"--best takes a run directory, and {path} is not one")
+        return _base(path)
+    name = "best" if best else "checkpoint"
+    if not checkpoint_paths(path / name)[0].is_file():
+        what = ("no best checkpoint (best.safetensors): the run saved none (no evaluation yet?); drop --best "
+                "for the latest") if best else "no checkpoint.safetensors: is it a run's --out-dir?"
+        raise CheckpointNotFoundError(f"run directory {path} holds {what}")
+    return path / name
+
+
 def check_finite(tensors: Mapping[str, np.ndarray], where: str, advice: str) -> None:
     """Raise `NonFiniteWeightsError` ("``where``: tensor NAME holds N NaN/inf values …
     ``advice``") for the first floating-point tensor holding a NaN or an inf."""
@@ -110,7 +127,6 @@ def save_checkpoint(
     leaves the previous checkpoint as it was. Returns the base path, which
     `load_checkpoint` takes."""
     base = _base(path)
-    tensors_path, legacy_json = checkpoint_paths(base)
     extra = {} if extra is None else extra
     try:
         json.dumps(extra)
@@ -141,7 +157,7 @@ def save_checkpoint(
             "scalars": state,
             "buffers": {buffer: len(arrays) for buffer, arrays in buffers.items()},
         }
-    check_finite(tensors, f"refusing to save {tensors_path}",
+    check_finite(tensors, f"refusing to save {checkpoint_paths(base)[0]}",
                  "the run diverged (learning rate too high? bad data?); the previous checkpoint is unchanged")
 
     meta = {
@@ -153,6 +169,14 @@ def save_checkpoint(
         "optimizer": optimizer_meta,
         "extra": extra,
     }
+    _write(base, tensors, meta)
+    return base
+
+
+def _write(base: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """``base.safetensors`` holding ``tensors`` and ``meta`` in its header, atomically (a
+    version-1 ``base.json`` beside it is removed)."""
+    tensors_path, legacy_json = checkpoint_paths(base)
     header = {"format": FORMAT, META_KEY: json.dumps(meta)}
 
     def write(tmp: Path) -> None:
@@ -170,6 +194,27 @@ def save_checkpoint(
         ) from err
     if _is_legacy_meta(legacy_json):
         legacy_json.unlink(missing_ok=True)  # the new file carries its own metadata
+
+
+def save_weights_only(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Copy the checkpoint at ``path`` to ``out`` without its optimizer state and training
+    loop state (a third of the size for AdamW): a file to share or to run, which every
+    command loading a checkpoint accepts and ``--resume`` refuses. Returns ``out``'s base path."""
+    ckpt = load_checkpoint(path)
+    tensors: dict[str, np.ndarray] = {}
+    tied: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, array in ckpt.state_dict.items():  # stored names come before their tied aliases
+        if id(array) in first_name:
+            tied[name] = first_name[id(array)]
+        else:
+            first_name[id(array)] = name
+            tensors[f"model.{name}"] = array
+    extra = {k: v for k, v in ckpt.extra.items() if k != "train_state"}
+    meta = {"format": FORMAT, "version": VERSION, "config": ckpt.config.to_dict(), "step": ckpt.step, "tied": tied,
+            "optimizer": None, "extra": extra}
+    base = _base(out)
+    _write(base, tensors, meta)
     return base
 
 
@@ -184,13 +229,14 @@ def _all_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read and check the checkpoint at ``path`` (base path, or the file's name).
+    """Read and check the checkpoint at ``path`` (base path, the file's name, or a run
+    directory: its latest checkpoint).
 
     Raises `CheckpointNotFoundError` when there is no checkpoint file, `NonFiniteWeightsError`
     for NaN/inf values, and `CheckpointError` for a damaged or truncated file, malformed
     metadata, a version-1 pair from different saves, or a config that does not fit the
     stored tensor shapes (checked before any tensor data is read)."""
-    base = _base(path)
+    base = resolve_checkpoint(path)
     tensors_path, json_path = checkpoint_paths(base)
     if not tensors_path.is_file():
         if json_path.is_file():

@@ -30,9 +30,10 @@ import safetensors
 import safetensors.numpy
 
 from model.config import GPTConfig
-from model.data.datadir import user_cache_dir
+from model.data.datadir import data_file, user_cache_dir
 from model.data.files import atomic_write, download, write_json_atomic
 from model.gpt import GPTModel, model_from_state_dict
+from model.tokenizers.bpe import ENDOFTEXT
 from model.weights.checkpoint import CheckpointError, check_finite, shape_misfits
 
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -40,6 +41,7 @@ HF_FILES = ("config.json", "model.safetensors")
 _CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+_GPT2_VOCAB = 50257  # GPT-2's tokens; the last is <|endoftext|>
 
 
 class HFDownloadError(RuntimeError):
@@ -199,6 +201,29 @@ def export_hf(model: GPTModel, out_dir: str | os.PathLike) -> Path:
                  lambda tmp: safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"}))
     write_json_atomic(out_dir / "config.json", config_to_hf(config))
     return out_dir
+
+
+def export_hf_tokenizer(out_dir: str | os.PathLike, config: GPTConfig,
+                        data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write GPT-2's tokenizer files beside an exported model, as ``transformers`` reads them:
+    ``vocab.json`` and ``merges.txt`` (OpenAI's encoder.json and vocab.bpe from the data dir,
+    which are those files), ``tokenizer_config.json``, ``special_tokens_map.json`` and
+    ``generation_config.json``. Returns the paths written."""
+    if config.vocab_size < _GPT2_VOCAB:
+        raise ValueError(f"the model's vocab_size is {config.vocab_size}, below GPT-2's {_GPT2_VOCAB}: its tokens "
+                         "are not GPT-2's, so no GPT-2 tokenizer files can go with it")
+    out_dir = Path(out_dir)
+    written = []
+    for ours, theirs in (("gpt2/encoder.json", "vocab.json"), ("gpt2/vocab.bpe", "merges.txt")):
+        data = data_file(ours, data_dir).read_bytes()
+        written.append(atomic_write(out_dir / theirs, lambda tmp, data=data: tmp.write_bytes(data)))
+    special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    tokenizer_config = {**special, "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.context_length,
+                        "add_prefix_space": False, "add_bos_token": False, "clean_up_tokenization_spaces": False}
+    files = {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special,
+             "generation_config.json": {"bos_token_id": _GPT2_VOCAB - 1, "eos_token_id": _GPT2_VOCAB - 1}}
+    written += [write_json_atomic(out_dir / name, content) for name, content in files.items()]
+    return written
 
 
 def download_hf_gpt2(name: str = "gpt2", cache_dir: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,162 @@
+"""The numpy backend's elementwise and row-wise kernels: the references in ``kernels/``,
+run chunk by chunk on the backend's threads.
+
+Each chunk is small enough (CHUNK elements) that the several temporaries a NumPy
+expression makes stay in the CPU cache, so a formula of ten ufuncs reads and writes main
+memory about once instead of ten times; chunks are shared among the threads (NumPy
+releases the GIL inside each ufunc). Every element goes through the same operations in
+the same order as in the reference, so the results are bit for bit the reference's;
+only sums over rows (LayerNorm's weight and bias gradients) add per-thread partial sums.
+
+Signatures are the references' (and the backend's).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.backends.numpy_threads import chunks, parallel_ranges
+from kernels import gelu_ref, layernorm_ref
+
+CHUNK = 16384  # elements per piece: 64 KiB of float32 per temporary, below malloc's mmap threshold
+
+
+def _over_elements(n: int, body) -> None:
+    """body(lo, hi) over CHUNK-sized pieces of range(n), shared among the threads."""
+
+    def part(start: int, stop: int) -> None:
+        for lo, hi in chunks(start, stop, CHUNK):
+            body(lo, hi)
+
+    parallel_ranges(n, part, min_per_thread=CHUNK)
+
+
+def _over_rows(rows: int, width: int, body) -> None:
+    """body(lo, hi) over pieces of about CHUNK elements of a (rows, width) array."""
+    per_piece = max(1, CHUNK // max(1, width))
+
+    def part(start: int, stop: int) -> None:
+        for lo, hi in chunks(start, stop, per_piece):
+            body(lo, hi)
+
+    parallel_ranges(rows, part, min_per_thread=per_piece)
+
+
+# --- AdamW ---
+def _adamw_piece(p, g, m, v, tmp, lr, beta1, beta2, eps, weight_decay, bias1, bias2_sqrt) -> None:
+    """The AdamW update in place on p, m, v, through the scratch buffer tmp (all the same size)."""
+    np.multiply(g, 1 - beta1, out=tmp)
+    p *= 1 - lr * weight_decay
+    m *= beta1
+    m += tmp
+    np.multiply(g, g, out=tmp)
+    tmp *= 1 - beta2
+    v *= beta2
+    v += tmp
+    np.sqrt(v, out=tmp)
+    tmp *= 1 / bias2_sqrt
+    tmp += eps
+    np.divide(m, tmp, out=tmp)
+    tmp *= lr / bias1
+    p -= tmp
+
+
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2_sqrt) -> None:
+    """p ← p·(1 − lr·wd);  m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²;
+    p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε), in place, one pass over memory."""
+    hyper = (lr, beta1, beta2, eps, weight_decay, bias1, bias2_sqrt)
+    if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        _adamw_piece(p, g, m, v, np.empty_like(p), *hyper)
+        return
+    p1, m1, v1 = p.reshape(-1), m.reshape(-1), v.reshape(-1)
+    g1 = np.ascontiguousarray(g, dtype=p.dtype).reshape(-1)
+
+    def body(start: int, stop: int) -> None:
+        tmp = np.empty(min(CHUNK, stop - start), dtype=p.dtype)
+        for lo, hi in chunks(start, stop, CHUNK):
+            _adamw_piece(p1[lo:hi], g1[lo:hi], m1[lo:hi], v1[lo:hi], tmp[: hi - lo], *hyper)
+
+    parallel_ranges(p1.size, body, min_per_thread=CHUNK)
+
+
+# --- GELU ---
+def gelu_forward(x):
+    x1 = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty_like(x1)
+
+    def body(lo, hi):
+        out[lo:hi] = gelu_ref.gelu_forward(x1[lo:hi])
+
+    _over_elements(x1.size, body)
+    return out.reshape(x.shape)
+
+
+def gelu_backward(dy, x):
+    x1 = np.ascontiguousarray(x).reshape(-1)
+    dy1 = np.ascontiguousarray(dy).reshape(-1)
+    dx = np.empty_like(x1)
+
+    def body(lo, hi):
+        dx[lo:hi] = gelu_ref.gelu_backward(dy1[lo:hi], x1[lo:hi])
+
+    _over_elements(x1.size, body)
+    return dx.reshape(x.shape)
+
+
+def bias_gelu_forward(x, bias):
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, N)
+    out = np.empty(x2.shape, dtype=x.dtype)
+
+    def body(lo, hi):
+        out[lo:hi] = gelu_ref.bias_gelu_forward(x2[lo:hi], bias)
+
+    _over_rows(x2.shape[0], x2.shape[1], body)
+    return out.reshape(x.shape)
+
+
+def bias_gelu_backward(dy, x, bias):
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, N)
+    dy2 = np.ascontiguousarray(dy).reshape(x2.shape)
+    dx = np.empty(x2.shape, dtype=x.dtype)
+
+    def body(lo, hi):
+        dx[lo:hi] = gelu_ref.gelu_backward(dy2[lo:hi], x2[lo:hi] + bias)
+
+    _over_rows(x2.shape[0], x2.shape[1], body)
+    dbias = dx.sum(axis=0)  # (N,), summed as the reference does
+    return dx.reshape(x.shape), dbias.astype(x.dtype)
+
+
+# --- LayerNorm ---
+def layer_norm_forward(x, weight, bias, eps=1e-5):
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, N)
+    y = np.empty(x2.shape, dtype=x.dtype)
+    mean = np.empty(x2.shape[0], dtype=x.dtype)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+
+    def body(lo, hi):
+        y[lo:hi], mean[lo:hi], rstd[lo:hi] = layernorm_ref.layer_norm_forward(x2[lo:hi], weight, bias, eps)
+
+    _over_rows(x2.shape[0], x2.shape[1], body)
+    return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
+
+
+def layer_norm_backward(dy, x, weight, mean, rstd):
+    n = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, n)  # (rows, N)
+    dy2 = np.ascontiguousarray(dy).reshape(x2.shape)
+    mean1, rstd1 = mean.reshape(-1), rstd.reshape(-1)
+    dx = np.empty(x2.shape, dtype=x.dtype)
+    sums: dict[int, np.ndarray] = {}  # first row of a thread's part -> its (dweight, dbias) sums
+
+    def part(start, stop):
+        total = sums[start] = np.zeros((2, n), dtype=x.dtype)
+        for lo, hi in chunks(start, stop, max(1, CHUNK // n)):
+            dx[lo:hi], dw, db = layernorm_ref.layer_norm_backward(dy2[lo:hi], x2[lo:hi], weight, mean1[lo:hi],
+                                                                  rstd1[lo:hi])
+            total[0] += dw
+            total[1] += db
+
+    parallel_ranges(x2.shape[0], part, min_per_thread=max(1, CHUNK // n))
+    dweight, dbias = sum(sums[start] for start in sorted(sums))  # a fixed order: the same bits every run
+    return dx.reshape(x.shape), dweight, dbias

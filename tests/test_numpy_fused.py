@@ -1,0 +1,64 @@
+"""The numpy backend's chunked, threaded kernels give the references' results bit for bit
+(LayerNorm's weight and bias gradients, summed per thread, to rounding)."""
+
+import numpy as np
+import pytest
+
+from engine.backends import numpy_fused
+from kernels import gelu_ref, layernorm_ref
+
+# more elements than one chunk on each of two threads, and a ragged last chunk
+SHAPES = [(3, 5), (7, 9001), (40, 3 * 1024 + 5)]
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+    return np.dtype(request.param)
+
+
+def arrays(shape, dtype, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(3 * rng.standard_normal(shape)).astype(dtype) for _ in range(n)]
+
+
+def assert_same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gelu_and_bias_gelu(shape, dtype):
+    x, dy, bias = *arrays(shape, dtype, 2), arrays(shape[-1:], dtype, 1, seed=1)[0]
+    assert_same_bits(numpy_fused.gelu_forward(x), gelu_ref.gelu_forward(x))
+    assert_same_bits(numpy_fused.gelu_backward(dy, x), gelu_ref.gelu_backward(dy, x))
+    assert_same_bits(numpy_fused.bias_gelu_forward(x, bias), gelu_ref.bias_gelu_forward(x, bias))
+    for ours, ref in zip(numpy_fused.bias_gelu_backward(dy, x, bias), gelu_ref.bias_gelu_backward(dy, x, bias)):
+        assert_same_bits(ours, ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm(shape, dtype):
+    x, dy, weight, bias = *arrays(shape, dtype, 2), *arrays(shape[-1:], dtype, 2, seed=1)
+    y, mean, rstd = numpy_fused.layer_norm_forward(x, weight, bias, 1e-5)
+    for ours, ref in zip((y, mean, rstd), layernorm_ref.layer_norm_forward(x, weight, bias, 1e-5)):
+        assert_same_bits(ours, ref)
+    dx, dw, db = numpy_fused.layer_norm_backward(dy, x, weight, mean, rstd)
+    rdx, rdw, rdb = layernorm_ref.layer_norm_backward(dy, x, weight, mean, rstd)
+    assert_same_bits(dx, rdx)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(dw, rdw, rtol=tol, atol=tol * shape[0])
+    np.testing.assert_allclose(db, rdb, rtol=tol, atol=tol * shape[0])
+
+
+
+
+@pytest.mark.parametrize("size", [5, 70_001])
+def test_adamw_update_in_place(size, dtype):
+    p, g, m, v = arrays((size,), dtype, 4)
+    v = np.abs(v)
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.1, 0.19, 0.04)
+    expected = [a.copy() for a in (p, m, v)]
+    numpy_fused._adamw_piece(*expected[:1], g, *expected[1:], np.empty_like(p), *hyper)
+    numpy_fused.adamw_update(p, g, m, v, *hyper)
+    for ours, ref in zip((p, m, v), expected):
+        assert_same_bits(ours, ref)
