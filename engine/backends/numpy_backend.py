@@ -9,7 +9,7 @@ import numpy as np
 
 from engine.backends import numpy_attention, numpy_fused, numpy_threads
 from engine.backends.base import Array, Axis, Backend, kernel_namespace
-from kernels import cross_entropy_ref, rmsnorm_ref, rope_ref, swiglu_ref
+from kernels import cross_entropy_ref, rope_ref
 
 _DTYPES = {
     "float32": np.float32,
@@ -31,8 +31,6 @@ class NumpyBackend(Backend):
         super().__init__(
             kernel_namespace(
                 numpy_fused,
-                rmsnorm_ref,
-                swiglu_ref,
                 rope_ref,
                 cross_entropy_ref,
                 attention_forward=numpy_attention.attention_forward,
