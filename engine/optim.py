@@ -139,20 +139,23 @@ class AdamW(Optimizer):
             )
 
 
+def grad_norm(params: Iterable[Tensor]) -> float:
+    """The global L2 norm of the gradients of `params` (0.0 when none has one)."""
+    backend = get_backend()
+    return math.sqrt(sum(float(backend.sum(p.grad * p.grad)) for p in params if p.grad is not None))
+
+
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``;
     returns the norm before clipping. ``max_norm`` must be finite and > 0 (0 would zero
     the gradients, a negative one flip them into gradient ascent)."""
     if not _is_finite_number(max_norm) or max_norm <= 0:
         raise ValueError(f"clip_grad_norm_: max_norm must be a finite number > 0, got {max_norm!r}")
-    backend = get_backend()
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = math.sqrt(sum(float(backend.sum(g * g)) for g in grads))
+    params = list(params)
+    total = grad_norm(params)
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        for g in grads:
+        for g in (p.grad for p in params if p.grad is not None):
             g *= coef
     return total
 

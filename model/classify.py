@@ -130,11 +130,13 @@ def _train(ctx: run.RunContext) -> int:
     info = {"num_classes": len(CLASS_NAMES), "class_names": list(CLASS_NAMES), "max_length": data.max_length,
             "pad_token_id": PAD_TOKEN_ID, "pooling": "last token", "source": source, "trained": mode}
 
+    examples_per_step = args.batch_size * ctx.world_size * args.grad_accum
+
     def after_step(state: TrainState, loss: float) -> None:
         if state.batch != 0:  # only right after an epoch ends
             return
         train_acc, val_acc = record_accuracy(model, data.train_loader, data.val_loader, args.eval_iters, state.history,
-                                             state.epoch, state.step * args.batch_size * ctx.world_size)
+                                             state.epoch, state.step * examples_per_step)
         ctx.log(f"epoch {state.epoch}: training accuracy {train_acc:.2%} | validation accuracy {val_acc:.2%}")
 
     optimizer = run.make_optimizer(model, args)
@@ -158,7 +160,7 @@ def _train(ctx: run.RunContext) -> int:
         return 0
     path = save(state, accuracy=final)
     run.write_history(ctx, state.history, plot=False)
-    plots = plot_classifier_history(state.history, args.batch_size * ctx.world_size, len(data.train_loader),
+    plots = plot_classifier_history(state.history, examples_per_step, len(data.train_loader) // args.grad_accum,
                                     ctx.out_dir)
     print(f"training accuracy {final['train']:.2%} | validation accuracy {final['val']:.2%} | "
           f"test accuracy {final['test']:.2%}")

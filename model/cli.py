@@ -14,7 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 # subcommand -> (module under model/, one line for --help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("train", "pretrain a GPT on a text file (the book's chapter 5)"),
+    "prepare-data": ("prepare_data", "tokenize a text corpus once into train.bin / val.bin for train --data"),
+    "train": ("train", "pretrain a GPT on a text file or a prepared corpus (the book's chapter 5)"),
     "generate": ("generate", "continue a prompt with a checkpoint, a run directory or Hugging Face weights"),
     "chat": ("chat", "talk to an instruction-tuned checkpoint or a Llama 3 / Qwen3 folder"),
     "classify": ("classify", "spam classification fine-tuning, and `classify predict TEXT`"),

@@ -3,6 +3,7 @@
 Reads the real SMS Spam Collection from the data dir (CI: SCRATCHGPT_DATA_DIR=<shared data>).
 """
 
+import contextlib
 import json
 import re
 
@@ -24,6 +25,7 @@ from model.data.spam import (
     random_split,
     read_sms_spam,
 )
+from model.data.windows import DataLoader
 from model.gpt import GPTModel
 from model.tasks.classification import (
     GPTClassifier,
@@ -31,6 +33,7 @@ from model.tasks.classification import (
     classify_text,
     freeze_for_finetuning,
     load_classifier,
+    record_accuracy,
 )
 from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.weights.checkpoint import load_checkpoint
@@ -209,3 +212,26 @@ def test_resume_continues_a_run_exactly(tmp_path):
     full, resumed = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("full", "part"))
     np.testing.assert_allclose(resumed["step_loss"], full["step_loss"], rtol=0, atol=1e-6)
     assert resumed["step"] == full["step"] and resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-6)
+
+
+class ParityModel:
+    """Predicts class (last input id) % 2; stands in for a classifier in accuracy bookkeeping."""
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        yield
+
+    def __call__(self, ids):
+        ids = np.asarray(ids)
+        logits = np.stack([ids % 2 == 0, ids % 2 == 1], axis=-1).astype(np.float32)  # (B, T, 2)
+        return engine.tensor(logits)
+
+
+def test_each_epochs_validation_accuracy_covers_the_whole_validation_set():
+    ids = np.arange(10).reshape(10, 1)  # (10, 1): the even ids are class 0, the odd ones class 1
+    labels = np.array([0, 1] * 2 + [1] * 6)  # right on the first 4 rows, on 3 of the last 6
+    val_loader = DataLoader(list(zip(ids, labels)), 2, shuffle=False, drop_last=False)
+    history: dict = {}
+    train_acc, val_acc = record_accuracy(ParityModel(), val_loader, val_loader, 1, history, epoch=1, examples_seen=8)
+    assert train_acc == 1.0  # the first batch only (num_batches = 1)
+    assert val_acc == pytest.approx(7 / 10) and history["accuracy"]["val_acc"] == [val_acc]

@@ -81,6 +81,23 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
         np.testing.assert_allclose(w2[name], w1[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+def test_grad_accum_under_torchrun_equals_one_process_with_the_whole_batch(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir()
+    ddp.mkdir()
+    subprocess.run([*HELPER, str(single), "--global-batch", "8", "--steps", "3"], cwd=REPO, check=True, timeout=60)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+              f"--master_port={free_port()}", "-m", "tests.helpers.ddp_run", str(ddp), "--global-batch", "4",
+              "--grad-accum", "2", "--steps", "3"]
+    subprocess.run(launch, cwd=REPO, check=True, timeout=90, capture_output=True)
+    (h1, w1), (h2, w2) = load(single), load(ddp)
+    assert h2["all_reduces"] == 3  # once per optimizer step, not per micro-batch
+    for key in ("step_loss", "tokens_seen"):
+        np.testing.assert_allclose(h2[key], h1[key], rtol=0, atol=1e-6, err_msg=key)
+    for name in w1:
+        np.testing.assert_allclose(w2[name], w1[name], rtol=0, atol=1e-6, err_msg=name)
+
+
 def test_a_killed_rank_ends_the_job_with_a_clear_error(tmp_path):
     start = time.perf_counter()
     results = run_ranks(tmp_path, [["--die-after-step", "1"]] * 2, timeout=60)

@@ -94,18 +94,22 @@ class DataLoader:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch]).permutation(n)
 
+    def batch_indices(self, epoch: int, start: int) -> Iterator[np.ndarray]:
+        """The dataset indices of each batch of epoch `epoch` from its batch `start` on."""
+        order = self.order(epoch)
+        for b in range(start, len(self)):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
     def __iter__(self) -> Iterator[Any]:
         epoch, start = self.epoch, self._start_batch
         self._start_batch = 0
-        order = self.order(epoch)
         # NOTE: only the outermost pass is tracked in `state`, so an evaluation pass over
         # the same loader inside a training pass does not disturb what a checkpoint saves.
         outer = self._position is None
         try:
-            for b in range(start, len(self)):
+            for b, indices in enumerate(self.batch_indices(epoch, start), start):
                 if outer:
                     self._position = (epoch, b + 1)
-                indices = order[b * self.batch_size : (b + 1) * self.batch_size]
                 yield self.collate_fn([self.dataset[int(i)] for i in indices])
             if self.epoch == epoch:  # unless set_epoch moved it meanwhile
                 self.epoch = epoch + 1

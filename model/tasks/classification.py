@@ -78,10 +78,11 @@ def calc_accuracy_loader(data_loader: Any, model: GPTClassifier, num_batches: in
 
 def record_accuracy(model: GPTClassifier, train_loader: Any, val_loader: Any, num_batches: int,
                     history: dict[str, Any], epoch: int, examples_seen: int) -> tuple[float, float]:
-    """Train and val accuracy over `num_batches` batches each, appended to ``history["accuracy"]``
-    (per epoch: ``epoch``, ``examples_seen``, ``train_acc``, ``val_acc``, as the book plots them)."""
+    """Train accuracy over `num_batches` batches and val accuracy over the whole validation set,
+    appended to ``history["accuracy"]`` (per epoch: ``epoch``, ``examples_seen``, ``train_acc``,
+    ``val_acc``, as the book plots them)."""
     train_acc = calc_accuracy_loader(train_loader, model, num_batches)
-    val_acc = calc_accuracy_loader(val_loader, model, num_batches)
+    val_acc = calc_accuracy_loader(val_loader, model)
     accuracy = history.setdefault("accuracy", {"epoch": [], "examples_seen": [], "train_acc": [], "val_acc": []})
     for key, value in zip(("epoch", "examples_seen", "train_acc", "val_acc"), (epoch, examples_seen, train_acc,
                                                                                 val_acc)):

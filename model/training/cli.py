@@ -76,6 +76,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
     g.add_argument("--seed", type=int, default=123, help="seed of weight init, dropout and data order")
     g.add_argument("--out-dir", default=recipe.out_dir, help="where the checkpoint, plots and history go")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the per-step metrics as TensorBoard event files to OUT_DIR/tensorboard "
+                        "(needs the tensorboard and torch packages)")
     add_data_dir_argument(g)
     add_ddp_argument(g)
 
@@ -105,6 +108,9 @@ def add_optimization_arguments(parser: argparse.ArgumentParser, recipe: Recipe) 
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
     g.add_argument("--batch-size", type=int, default=recipe.batch_size,
                    help="examples per batch (per process under torchrun)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="accumulate the gradients of N batches per optimizer step: the update of one batch N "
+                        "times larger in the memory of one batch")
     g.add_argument("--lr", type=float, default=recipe.lr, help="(peak) learning rate of AdamW")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay")
     g.add_argument("--warmup-steps", type=int, default=0,
@@ -146,7 +152,8 @@ def add_training_command_arguments(parser: argparse.ArgumentParser, recipe: Reci
 # (flag, smallest allowed value, whether the bound is included); a flag a command lacks, or
 # left at None ("not given"), is skipped.
 NUMERIC_LIMITS: tuple[tuple[str, float, bool], ...] = (
-    ("epochs", 1, True), ("max_steps", 1, True), ("batch_size", 1, True), ("eval_interval", 1, True),
+    ("epochs", 1, True), ("max_steps", 1, True), ("batch_size", 1, True), ("grad_accum", 1, True),
+    ("eval_interval", 1, True),
     ("eval_iters", 1, True), ("context_length", 1, True), ("warmup_steps", 0, True), ("lora_rank", 0, True),
     ("lr", 0, False), ("weight_decay", 0, True), ("min_lr", 0, True), ("grad_clip", 0, False),
     ("lora_alpha", 0, False), ("drop_rate", 0, True), ("ddp_timeout", 0, False),

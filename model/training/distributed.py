@@ -37,7 +37,7 @@ _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 IGNORE_INDEX = -100  # F.cross_entropy's default: a target that counts in no token mean
 
 
-def _counted(targets: Any) -> int:
+def counted_targets(targets: Any) -> int:
     """How many of ``targets`` count in a token-mean loss (those not IGNORE_INDEX)."""
     return int((targets != IGNORE_INDEX).sum())
 
@@ -162,7 +162,7 @@ class Distributed:
         prompt leaves the shards unequal counts. The factor is exactly 1 when they are equal."""
         def loss(inputs: Any, targets: Any, model: Any) -> engine.Tensor:
             shard_targets = self.shard(targets)
-            weight = _counted(shard_targets) * self.world_size / max(_counted(targets), 1)
+            weight = counted_targets(shard_targets) * self.world_size / max(counted_targets(targets), 1)
             shard_loss = loss_fn(self.shard(inputs), shard_targets, model)
             return shard_loss if weight == 1 else shard_loss * weight
         return loss
@@ -175,7 +175,7 @@ class Distributed:
         def loss(inputs: Any, targets: Any, model: Any) -> engine.Tensor:
             rows = inputs.shape[0]
             lo, hi = self.rank * rows // self.world_size, (self.rank + 1) * rows // self.world_size
-            counted = _counted(targets[lo:hi])
+            counted = counted_targets(targets[lo:hi])
             local = float(loss_fn(inputs[lo:hi], targets[lo:hi], model).item()) * counted if counted else 0.0
             total = self._torch.tensor([local, float(counted)], dtype=self._torch.float64, device=self._device)
             self._call("all_reduce (evaluation loss)", self._dist.all_reduce, total)

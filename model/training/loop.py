@@ -1,10 +1,12 @@
 """The training loop every command shares: the book's train_model_simple, resumable and data-parallel.
 
 `train` runs epochs of optimizer steps with warmup/cosine learning rates and gradient
-clipping (`TrainConfig`), evaluates every `eval_interval` steps, samples after each epoch,
-and keeps its position in a `TrainState` (step, epoch, batch, RNG state, history) so a
-checkpoint of that state resumes with exactly the losses of an uninterrupted run. Ctrl-C
-during forward/backward stops at once; during the update it is deferred to the step's end
+clipping (`TrainConfig`), each step accumulating the gradients of `grad_accum` loader
+batches (the update of one batch that many times larger), evaluates every `eval_interval`
+steps, samples after each epoch, and keeps its position in a `TrainState` (step, epoch,
+batch, RNG state, history) so a checkpoint of that state resumes with exactly the losses
+of an uninterrupted run. Ctrl-C during forward/backward stops at once; during the update
+it is deferred to the step's end
 (`TrainingInterrupted` carries the last step boundary). `calc_loss_batch`,
 `calc_loss_loader` and `evaluate` are the book's evaluation helpers.
 """
@@ -25,7 +27,7 @@ from tqdm import tqdm
 import engine
 from engine import optim
 from model.sampling import generate, ids_to_text, text_to_ids
-from model.training.distributed import Distributed
+from model.training.distributed import Distributed, counted_targets
 
 LossFn = Callable[[Any, Any, Any], "engine.Tensor"]
 
@@ -80,8 +82,8 @@ def generate_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int
 # --- training state and configuration ---
 def new_history() -> dict[str, list]:
     """Empty history: per evaluation ``step``, ``epoch``, ``tokens_seen``, ``train_loss``, ``val_loss``;
-    per optimizer step ``step_loss`` and ``lr``; per finished epoch ``samples``."""
-    keys = ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "step_loss", "lr", "samples")
+    per optimizer step ``step_loss``, ``lr`` and ``grad_norm`` (before clipping); per finished epoch ``samples``."""
+    keys = ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "step_loss", "lr", "grad_norm", "samples")
     return {k: [] for k in keys}
 
 
@@ -95,6 +97,7 @@ class TrainConfig:
     eval_interval: int = 5  # evaluate after steps 1, 1 + k, 1 + 2k, ... (the book's eval_freq)
     eval_iters: int = 5  # batches per loader in each evaluation (the book's eval_iter)
     max_steps: int | None = None  # stop after this many optimizer steps in all
+    grad_accum: int = 1  # loader batches (micro-batches) per optimizer step
     sample_prompt: str | None = "Every effort moves you"  # continued after each epoch; None: no sample
     sample_tokens: int = 50
 
@@ -113,7 +116,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next batch (0-based)
-    batch: int = 0  # index of the next batch within that epoch
+    batch: int = 0  # index of the next optimizer step within that epoch
     tokens_seen: int = 0
     # The engine generator's state here (backend.rng_state(): a dict of ints on numpy, a list of
     # ints on triton, so it goes into JSON as it is); None: leave the generator as it is.
@@ -227,15 +230,17 @@ def train(
     log = log or log_line
     is_main = distributed is None or distributed.is_main
     step_loss_fn, eval_loss_fn = loss_fn, loss_fn
+    accum = config.grad_accum
     if distributed is not None:
         distributed.broadcast_parameters(model)
         step_loss_fn = distributed.sharded_loss(loss_fn)
         eval_loss_fn = distributed.sharded_mean(loss_fn)
         log = log if is_main else _quiet
     history = state.history
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
-        raise ValueError("train: the training loader yields no batches (too little data for the batch size)")
+        raise ValueError(f"train: the training loader yields {len(train_loader)} batches, too few for one step of "
+                         f"{accum} accumulated batches (too little data for the batch size)")
     if config.eval_interval < 1 or config.eval_iters < 1:
         raise ValueError(f"train: eval_interval and eval_iters must be >= 1, got {config.eval_interval}, "
                          f"{config.eval_iters}")
@@ -253,25 +258,26 @@ def train(
     try:
         with _InterruptGuard(log) as guard:
             while state.epoch < config.epochs and state.step < last_step:
-                train_loader.set_epoch(state.epoch, state.batch)
-                for input_batch, target_batch in train_loader:
+                train_loader.set_epoch(state.epoch, state.batch * accum)
+                for micro_batches in _step_groups(train_loader, accum):
                     optimizer.lr = lr = config.lr_at(state.step, total_steps)
                     optimizer.zero_grad()
-                    loss = step_loss_fn(input_batch, target_batch, model)
-                    loss.backward()
+                    loss_value = _accumulate_gradients(model, micro_batches, step_loss_fn)
                     if distributed is not None:
-                        distributed.all_reduce_gradients(params)
+                        distributed.all_reduce_gradients(params)  # once per optimizer step
                     with guard.deferred():
                         if config.grad_clip is not None:
-                            optim.clip_grad_norm_(params, config.grad_clip)
+                            norm = optim.clip_grad_norm_(params, config.grad_clip)
+                        else:
+                            norm = optim.grad_norm(params)
                         optimizer.step()
-                        loss_value = float(loss.item())
                         if distributed is not None:
                             loss_value = distributed.average(loss_value)
                         state.step, state.batch = state.step + 1, state.batch + 1
-                        state.tokens_seen += math.prod(input_batch.shape)
+                        state.tokens_seen += sum(math.prod(inputs.shape) for inputs, _ in micro_batches)
                         history["step_loss"].append(loss_value)
                         history["lr"].append(lr)
+                        history["grad_norm"].append(norm)
                         if (state.step - 1) % config.eval_interval == 0:
                             _evaluate_and_log(model, train_loader, val_loader, config, state, eval_loss_fn,
                                               steps_per_epoch, log)
@@ -296,6 +302,34 @@ def train(
     finally:
         bar.close()
     return history
+
+
+def _step_groups(loader: Any, accum: int) -> Iterator[list[tuple[Any, Any]]]:
+    """The batches of one pass of `loader` in groups of `accum` (one optimizer step each); a
+    last, incomplete group is dropped, as a last partial batch."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+
+
+def _accumulate_gradients(model: Any, micro_batches: list[tuple[Any, Any]], loss_fn: LossFn) -> float:
+    """Backward of each micro-batch's loss, weighted by its share of the counted targets, so the
+    summed gradients and loss are those of one batch of all of them (the token mean); returns the loss."""
+    if len(micro_batches) == 1:
+        loss = loss_fn(*micro_batches[0], model)
+        loss.backward()
+        return float(loss.item())
+    counts = [counted_targets(targets) for _, targets in micro_batches]
+    total = max(sum(counts), 1)
+    loss_value = 0.0
+    for (inputs, targets), count in zip(micro_batches, counts):
+        loss = loss_fn(inputs, targets, model) * (count / total)
+        loss.backward()  # gradients add up in .grad until the optimizer step
+        loss_value += float(loss.item())
+    return loss_value
 
 
 def log_line(message: str) -> None:

@@ -1,8 +1,8 @@
 """Training curves as PNG files (matplotlib, Agg backend: no display needed).
 
-`plot_losses` draws the book's chapter-5 figure (train and val loss against steps, with
-tokens seen on a second x-axis); `plot_curves` is the generic version the fine-tuning
-commands use for their loss and accuracy curves.
+`plot_losses` draws a run's losses against steps (every step's training loss, the
+evaluations marked on it, the learning rate on a second y-axis); `plot_curves` is the
+generic figure the fine-tuning commands use for their loss and accuracy curves (as the book's).
 """
 
 from __future__ import annotations
@@ -57,14 +57,29 @@ def plot_curves(
 
 
 def plot_losses(history: Mapping[str, Sequence[float]], path: str | os.PathLike) -> Path:
-    """Train and val loss at each evaluation of a `model.training.loop.train` history, against
-    optimizer steps (bottom axis) and tokens seen (top axis)."""
-    return plot_curves(
-        history["step"],
-        {"training loss": history["train_loss"], "validation loss": history["val_loss"]},
-        path,
-        xlabel="step",
-        ylabel="loss",
-        x2=history.get("tokens_seen"),
-        x2label="tokens seen",
-    )
+    """A `model.training.loop.train` history against optimizer steps: the training loss of
+    every step, the train and val loss of each evaluation marked on it, and the learning rate
+    on a second y-axis."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    step_loss = history.get("step_loss") or []
+    steps = range(1, len(step_loss) + 1)
+    lines = ax.plot(steps, step_loss, linewidth=0.8, alpha=0.45, color="tab:blue", label="training loss (step)")
+    lines += ax.plot(history["step"], history["train_loss"], "o-", markersize=4, color="tab:blue",
+                     label="training loss (evaluation)")
+    lines += ax.plot(history["step"], history["val_loss"], "s-.", markersize=4, color="tab:orange",
+                     label="validation loss (evaluation)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    lr = history.get("lr") or []
+    if len(lr) == len(step_loss) and lr:
+        right = ax.twinx()
+        lines += right.plot(steps, lr, ":", color="tab:gray", label="learning rate")
+        right.set_ylabel("learning rate")
+        right.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax.legend(lines, [line.get_label() for line in lines], fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

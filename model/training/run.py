@@ -11,8 +11,9 @@ process (data-parallel under torchrun) with the engine seeded, and turns a user 
 `start_model` loads the start model of the shared flags (the checkpoint's config when
 resuming), `make_optimizer` / `make_train_config` build AdamW and the loop's config,
 `resumed_state` loads a resumed run's weights, optimizer and loop state, `fit` runs
-`model.training.loop.train` (on Ctrl-C it saves through the command's save function, writes
-the history and returns None: exit 130), `save_run` is the one path to disk (LoRA adapters,
+`model.training.loop.train` with the per-step log (``metrics.csv``, model.training.metrics;
+on Ctrl-C it saves through the command's save function, writes the history and returns
+None: exit 130), `save_run` is the one path to disk (LoRA adapters,
 merge, checkpoint with the run's state and flags) and `write_history` writes history.json
 atomically with its loss plot.
 """
@@ -35,6 +36,7 @@ from model.lora import lora_layers, merge_lora, save_lora
 from model.training.cli import Recipe, check_args
 from model.training.distributed import Distributed, run_maybe_distributed
 from model.training.loop import LossFn, TrainConfig, TrainingInterrupted, TrainState, log_line, train, under_autocast
+from model.training.metrics import TENSORBOARD_MISSING, MetricsLog, tensorboard_available, tensorboard_writer
 from model.training.plot import plot_losses
 from model.weights.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from model.weights.hf import HFDownloadError
@@ -109,6 +111,8 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body:
     """Check the flags, set the backend, and run ``body(ctx)`` in every process; its exit code.
     `resume`: the checkpoint `parse_with_resume` read."""
     check_args(parser, args)
+    if getattr(args, "tensorboard", False) and not tensorboard_available():
+        parser.error(TENSORBOARD_MISSING)
     if args.backend:
         engine.set_backend(args.backend)
     backend = engine.get_backend()
@@ -156,7 +160,7 @@ def parse_with_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -
 def resumed_state(ctx: RunContext, model: Any, optimizer: Any) -> TrainState | None:
     """With --resume: load the checkpoint's weights and optimizer into `model` / `optimizer` and
     return the loop state to continue from (None without --resume). The data position counts
-    global batches, so their size must stay."""
+    global batches, so their size and the number accumulated per step must stay."""
     checkpoint = ctx.resume
     if checkpoint is None:
         return None
@@ -166,6 +170,10 @@ def resumed_state(ctx: RunContext, model: Any, optimizer: Any) -> TrainState | N
         ctx.error(f"--resume: the run was saved with a global batch of {saved_world * saved_batch} ({saved_world} "
                   f"processes x {saved_batch}), this one has {ctx.world_size * ctx.args.batch_size} ({ctx.world_size}"
                   f" x {ctx.args.batch_size}): choose --batch-size so that processes x batch size stays")
+    saved_accum = checkpoint.extra["train_args"].get("grad_accum", 1)
+    if saved_accum != ctx.args.grad_accum:
+        ctx.error(f"--resume: the run was saved with --grad-accum {saved_accum}, this one has {ctx.args.grad_accum}: "
+                  "the data position counts accumulated batches, so keep it")
     model.load_state_dict(checkpoint.state_dict)
     optimizer.load_state_dict(checkpoint.optimizer_state)
     state = TrainState.from_dict(checkpoint.extra["train_state"])
@@ -197,7 +205,7 @@ def make_train_config(args: argparse.Namespace, sample_prompt: str | None = None
     """The loop's settings from the shared flags; `sample_prompt` is continued after each epoch."""
     return TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
                        grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-                       max_steps=args.max_steps, sample_prompt=sample_prompt)
+                       max_steps=args.max_steps, grad_accum=args.grad_accum, sample_prompt=sample_prompt)
 
 
 def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_loader: Any, config: TrainConfig, *,
@@ -209,9 +217,16 @@ def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_load
     state = state if state is not None else TrainState()
     if ctx.args.precision == "bf16":
         loss_fn = under_autocast(loss_fn)
+    metrics = open_metrics(ctx, state) if ctx.is_main else None
+    hooks = [hook for hook in (metrics, on_step) if hook is not None]
+
+    def after_step(st: TrainState, loss: float) -> None:
+        for hook in hooks:
+            hook(st, loss)
+
     try:
         train(model, optimizer, train_loader, val_loader, config, tokenizer=tokenizer, loss_fn=loss_fn, state=state,
-              save_fn=save, on_step=on_step, progress=ctx.progress, distributed=ctx.distributed)
+              save_fn=save, on_step=after_step, progress=ctx.progress, distributed=ctx.distributed)
     except TrainingInterrupted as stop:
         if ctx.is_main:
             write_history(ctx, stop.state.history)
@@ -219,7 +234,18 @@ def fit(ctx: RunContext, model: Any, optimizer: Any, train_loader: Any, val_load
             print(f"\ninterrupted after step {stop.state.step}; checkpoint saved to {stop.checkpoint}{hint}",
                   file=sys.stderr)
         return None
+    finally:
+        if metrics is not None:
+            metrics.close()
     return state
+
+
+def open_metrics(ctx: RunContext, state: TrainState) -> MetricsLog:
+    """The run's metrics.csv log (continued from `state`), with TensorBoard event files in
+    ``<out-dir>/tensorboard`` under --tensorboard."""
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    writer = tensorboard_writer(ctx.out_dir / "tensorboard") if getattr(ctx.args, "tensorboard", False) else None
+    return MetricsLog(ctx.out_dir / "metrics.csv", state, tensorboard=writer)
 
 
 def save_run(ctx: RunContext, model: Any, state: TrainState, *, optimizer: Any = None, name: str = "checkpoint",
