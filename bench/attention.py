@@ -8,6 +8,9 @@ FLOPs follow the FlashAttention convention: forward = 4·B·H·T²·D (two T×T�
 2 FLOPs per multiply-add), halved when causal; backward = 2.5 × forward (five matmuls
 against two), so forward+backward = 3.5 × forward.
 
+``--group G`` runs grouped-query attention (H / G K/V heads, as Llama 3 and Qwen3): ours reads
+the shared K/V heads in place, SDPA gets ``enable_gqa=True``, the naive provider repeats them.
+
 Without a GPU, the numpy backend's blocked attention and the NumPy reference are compared
 with torch's SDPA on the CPU at T = 256, 1024, 2048 instead.
 """
@@ -31,8 +34,9 @@ def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> 
 
 
 def naive_attention(q, k, v, causal: bool):
-    """Materialises the (T, T) scores: the memory cost the fused kernel avoids."""
+    """Materialises the (T, T) scores (and repeated K/V heads): the memory cost the fused kernel avoids."""
     T = q.shape[2]
+    k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
     if causal:
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
@@ -47,13 +51,16 @@ def naive_attention(q, k, v, causal: bool):
 
 def _providers(causal: bool) -> dict:
     """name -> attention(q, k, v) returning o; autograd-capable except ours (own backward)."""
-    providers = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+
+    providers = {"sdpa": sdpa}
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def sdpa_flash(q, k, v):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return sdpa(q, k, v)
 
         providers["sdpa-flash"] = sdpa_flash
     except ImportError:
@@ -110,7 +117,7 @@ def bench_cuda(args) -> None:
     if args.quick:
         args.head_dims, args.seqlens = [64], [512, 2048]
     dtype = DTYPES[args.dtype]
-    print(f"causal={args.causal}, {args.dtype}, B·T = {args.tokens} tokens, "
+    print(f"causal={args.causal}, {args.dtype}, {args.group} query heads per K/V head, B·T = {args.tokens} tokens, "
           f"H·D = {args.model_dim}")
     header = (f"{'mode':8} {'D':>4} {'T':>6} {'B':>4} {'H':>3} {'provider':11} {'ms':>9} {'TFLOP/s':>8} "
               f"{'vs sdpa':>8} {'peak MiB':>9}")
@@ -123,7 +130,9 @@ def bench_cuda(args) -> None:
             for T in args.seqlens:
                 B = max(1, args.tokens // T)
                 gen = torch.Generator(device="cuda").manual_seed(0)
-                q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
+                q, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+                k, v = (torch.randn(B, H // args.group, T, D, device="cuda", dtype=dtype, generator=gen)
+                        for _ in range(2))
                 flops = attention_flops(B, H, T, D, args.causal, mode)
                 results = {}
                 for name in ["ours", *providers]:
@@ -167,6 +176,7 @@ def _cpu_steps(mode: str, q, k, v, do, causal: bool) -> dict:
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     leaves = [torch.from_numpy(x).requires_grad_() for x in (q, k, v)]
+    gqa = k.shape[1] != q.shape[1]
     if mode == "fwd":
         def numpy_backend():
             numpy_attention.attention_forward(q, k, v, scale, causal, 0.0, 0)
@@ -176,7 +186,7 @@ def _cpu_steps(mode: str, q, k, v, do, causal: bool) -> dict:
 
         def sdpa():
             with torch.no_grad():
-                F.scaled_dot_product_attention(*leaves, is_causal=causal)
+                F.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=gqa)
     else:
         def numpy_backend():
             o, lse = numpy_attention.attention_forward(q, k, v, scale, causal, 0.0, 0)
@@ -187,7 +197,7 @@ def _cpu_steps(mode: str, q, k, v, do, causal: bool) -> dict:
             ref.attention_backward(do, q, k, v, o, lse, scale, causal)
 
         def sdpa():
-            F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(torch.from_numpy(do))
+            F.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=gqa).backward(torch.from_numpy(do))
     return {"numpy backend": numpy_backend, "numpy ref": numpy_ref, "torch sdpa": sdpa}
 
 
@@ -195,14 +205,15 @@ def bench_cpu(args) -> None:
     print(f"the numpy backend's blocked attention and the NumPy reference (torch {torch.get_num_threads()} threads)")
     B, H, D = 1, 12, 64
     seqlens = [256, 1024] if args.quick else [256, 1024, 2048]
-    print(f"causal={args.causal}, float32, B={B}, H={H}, D={D}")
+    print(f"causal={args.causal}, float32, B={B}, H={H}, K/V heads {H // args.group}, D={D}")
     header = f"{'mode':8} {'T':>5} {'provider':14} {'ms':>9} {'vs sdpa':>8}"
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(0)
     for mode in args.modes:
         for T in seqlens:
-            q, k, v, do = rng.standard_normal((4, B, H, T, D), dtype=np.float32)
+            q, do = rng.standard_normal((2, B, H, T, D), dtype=np.float32)
+            k, v = rng.standard_normal((2, B, H // args.group, T, D), dtype=np.float32)
             times = {name: _time_cpu(step, args.repeats) for name, step in _cpu_steps(mode, q, k, v, do,
                                                                                     args.causal).items()}
             for name, ms in times.items():
@@ -221,6 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"],
                         help="what to time")
     parser.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
+    parser.add_argument("--group", type=int, default=1,
+                        help="query heads per K/V head (grouped-query attention; 4 for Llama 3.2 1B)")
     parser.add_argument("--naive-max-t", type=int, default=8192,
                         help="skip the naive provider above this T (its T×T scores grow quadratically)")
     parser.add_argument("--repeats", type=int, default=5,

@@ -1,7 +1,7 @@
 """Fused and composite neural-network ops.
 
-Each fused op (``gelu``, ``bias_gelu``, ``layer_norm``, ``attention``,
-``cross_entropy``, ``linear_cross_entropy``) is one Function whose forward/backward call
+Each fused op (``gelu``, ``bias_gelu``, ``layer_norm``, ``rms_norm``, ``swiglu``, ``rope``,
+``attention``, ``cross_entropy``, ``linear_cross_entropy``) is one Function whose forward/backward call
 the active backend's kernel pair (``get_backend().kernels``): the NumPy references on the
 numpy backend, the Triton kernels on the triton backend. ``linear`` and ``embedding`` are
 single Functions too, because their gradients are one matmul / one scatter-add each.
@@ -151,6 +151,63 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
     return _LayerNorm.apply(x, weight, bias, eps=eps)
 
 
+class _RMSNorm(Function):
+    def forward(self, x, weight, eps: float):
+        if weight.shape != x.shape[-1:]:
+            raise ValueError(
+                f"rms_norm: weight {tuple(weight.shape)} must be ({x.shape[-1]},) for input {tuple(x.shape)}"
+            )
+        y, rstd = get_backend().kernels.rms_norm_forward(x, weight, eps)
+        self.save_for_backward(x, weight, rstd)
+        return y
+
+    def backward(self, g):
+        x, weight, rstd = self.saved
+        return get_backend().kernels.rms_norm_backward(g, x, weight, rstd)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(mean(x²) + eps) · weight over the last dim, for any leading shape (Llama's and
+    Qwen3's norm; on (B, T, H, D) with a (D,) weight, Qwen3's per-head q/k norm)."""
+    return _RMSNorm.apply(x, weight, eps=eps)
+
+
+class _SwiGLU(Function):
+    def forward(self, gate, up):
+        if gate.shape != up.shape:
+            raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+        self.save_for_backward(gate, up)
+        return get_backend().kernels.swiglu_forward(gate, up)
+
+    def backward(self, g):
+        gate, up = self.saved
+        return get_backend().kernels.swiglu_backward(g, gate, up)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) · up in one fused op (the gated MLP of Llama and Qwen3)."""
+    return _SwiGLU.apply(gate, up)
+
+
+class _Rope(Function):
+    def forward(self, x, cos, sin, offset: int):
+        self.tables = (cos, sin, offset)
+        return get_backend().kernels.rope_forward(x, cos, sin, offset)
+
+    def backward(self, g):
+        return get_backend().kernels.rope_backward(g, *self.tables), None, None
+
+
+def rope(x: Tensor, cos: Any, sin: Any, offset: int = 0) -> Tensor:
+    """Rotary position embedding ("rotate half" layout) of x (B, H, T, D).
+
+    cos, sin (P, D/2) are the tables of positions 0 … P-1 (no gradient flows into them);
+    row t of x sits at position ``offset + t`` (``offset`` = tokens already in a KV cache).
+    x may be a transposed view such as ``q.reshape(B, T, H, D).transpose(1, 2)``: the
+    triton kernel reads it in place. Returns a contiguous (B, H, T, D)."""
+    return _Rope.apply(x, cos, sin, offset=int(offset))
+
+
 class _Attention(Function):
     def forward(self, q, k, v, scale: float, causal: bool, dropout_p: float, seed: int):
         if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -171,7 +228,10 @@ class _Attention(Function):
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0, scale: float | None = None
 ) -> Tensor:
-    """Fused scaled-dot-product attention on (B, H, T, D) queries and (B, H, S, D) keys/values.
+    """Fused scaled-dot-product attention on (B, H, T, D) queries and (B, Hkv, S, D) keys/values.
+
+    Grouped-query attention when Hkv < H (H a multiple of Hkv): query head h reads K/V
+    head h // (H / Hkv), without repeating K and V; their gradients sum over each group.
 
     Causal masking is bottom-right aligned (query i sees keys j ≤ i + S − T), so a KV-cache
     decode step with T = 1 sees every cached key. ``dropout_p`` drops attention

@@ -172,13 +172,14 @@ def _fwd_stage(
 @triton.jit
 def _attn_fwd_kernel(
     Q,  # (B·H, T, HEAD_DIM) queries
-    K,  # (B·H, S, HEAD_DIM) keys, Q's dtype
-    V,  # (B·H, S, HEAD_DIM) values, Q's dtype
+    K,  # (B·Hkv, S, HEAD_DIM) keys, Q's dtype; query head bh reads K/V head bh // GROUP
+    V,  # (B·Hkv, S, HEAD_DIM) values, Q's dtype
     O,  # (B·H, T, HEAD_DIM) out, Q's dtype
     LSE,  # (B·H, T) fp32 out: natural-log log-sum-exp of each row's scaled, masked scores
     sm_scale,  # fp32 softmax scale (1/sqrt(D) by default)
     T,  # i32 queries per head
     S,  # i32 keys per head (S >= T when CAUSAL)
+    GROUP,  # i32 query heads per K/V head, H / Hkv (1 without grouped-query attention)
     seed,  # i32 dropout seed
     dropout_p,  # fp32 drop probability (ignored unless DROPOUT)
     HEAD_DIM: tl.constexpr,  # real head dim
@@ -200,8 +201,9 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)  # (BM,)
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     q_base = Q + bh.to(tl.int64) * T * HEAD_DIM
-    k_base = K + bh.to(tl.int64) * S * HEAD_DIM
-    v_base = V + bh.to(tl.int64) * S * HEAD_DIM
+    # NOTE: b·H + h over GROUP is b·Hkv + h // GROUP, the K/V head of query head h.
+    k_base = K + (bh // GROUP).to(tl.int64) * S * HEAD_DIM
+    v_base = V + (bh // GROUP).to(tl.int64) * S * HEAD_DIM
     qk_scale = sm_scale * LOG2E
 
     q = _load_rows(q_base, offs_m, T, offs_d, HEAD_DIM, BLOCK_D)  # (BM, BLOCK_D)
@@ -326,16 +328,17 @@ def _dkdv_stage(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,  # (B·H, T, HEAD_DIM)
-    K,  # (B·H, S, HEAD_DIM)
-    V,  # (B·H, S, HEAD_DIM)
+    K,  # (B·Hkv, S, HEAD_DIM)
+    V,  # (B·Hkv, S, HEAD_DIM)
     DO,  # (B·H, T, HEAD_DIM) upstream gradient
     LSE,  # (B·H, T) fp32 from the forward
     DELTA,  # (B·H, T) fp32 from _attn_bwd_delta_kernel
-    DK,  # (B·H, S, HEAD_DIM) out, K's dtype
-    DV,  # (B·H, S, HEAD_DIM) out, V's dtype
+    DK,  # (B·Hkv, S, HEAD_DIM) out, K's dtype: summed over the GROUP query heads of each K/V head
+    DV,  # (B·Hkv, S, HEAD_DIM) out, V's dtype
     sm_scale,  # fp32
     T,  # i32
     S,  # i32
+    GROUP,  # i32 query heads per K/V head
     seed,  # i32
     dropout_p,  # fp32
     HEAD_DIM: tl.constexpr,
@@ -347,15 +350,11 @@ def _attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    kv_bh = tl.program_id(1)  # batch·K/V head
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)  # (BN,)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + bh.to(tl.int64) * T * HEAD_DIM
-    do_base = DO + bh.to(tl.int64) * T * HEAD_DIM
-    kv_off = bh.to(tl.int64) * S * HEAD_DIM
-    lse_base = LSE + bh.to(tl.int64) * T
-    delta_base = DELTA + bh.to(tl.int64) * T
+    kv_off = kv_bh.to(tl.int64) * S * HEAD_DIM
     qk_scale = sm_scale * LOG2E
 
     # NOTE: keys past S load as 0; their dK/dV rows are never stored, so they need no mask.
@@ -372,14 +371,24 @@ def _attn_bwd_dkdv_kernel(
         lo = tl.maximum(start_n - (S - T), 0) // BLOCK_M * BLOCK_M
         mid = (tl.maximum(start_n + BLOCK_N - 1 - (S - T), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         mid = tl.minimum(mid, (T + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
-        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, lo, mid,
-                             qk_scale, T, S, bh, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             True, DROPOUT, DOT_PRECISION)
     else:
+        lo = 0
         mid = 0
-    dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, mid, T,
-                         qk_scale, T, S, bh, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M,
-                         False, DROPOUT, DOT_PRECISION)
+    # Grouped-query attention: the GROUP query heads that read this K/V head add their
+    # dK, dV into the same accumulators, so the sum over the group costs no atomics.
+    for g in range(0, GROUP):
+        bh = kv_bh * GROUP + g  # batch·query head
+        q_base = Q + bh.to(tl.int64) * T * HEAD_DIM
+        do_base = DO + bh.to(tl.int64) * T * HEAD_DIM
+        lse_base = LSE + bh.to(tl.int64) * T
+        delta_base = DELTA + bh.to(tl.int64) * T
+        if CAUSAL:
+            dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, lo, mid,
+                                 qk_scale, T, S, bh, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                 True, DROPOUT, DOT_PRECISION)
+        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, mid, T,
+                             qk_scale, T, S, bh, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             False, DROPOUT, DOT_PRECISION)
 
     _store_rows(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM, BLOCK_D)
     _store_rows(DV + kv_off, dv.to(DV.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM, BLOCK_D)
@@ -438,8 +447,8 @@ def _dq_stage(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,  # (B·H, T, HEAD_DIM)
-    K,  # (B·H, S, HEAD_DIM)
-    V,  # (B·H, S, HEAD_DIM)
+    K,  # (B·Hkv, S, HEAD_DIM)
+    V,  # (B·Hkv, S, HEAD_DIM)
     DO,  # (B·H, T, HEAD_DIM) upstream gradient
     LSE,  # (B·H, T) fp32 from the forward
     DELTA,  # (B·H, T) fp32 from _attn_bwd_delta_kernel
@@ -447,6 +456,7 @@ def _attn_bwd_dq_kernel(
     sm_scale,  # fp32
     T,  # i32
     S,  # i32
+    GROUP,  # i32 query heads per K/V head
     seed,  # i32
     dropout_p,  # fp32
     HEAD_DIM: tl.constexpr,
@@ -466,8 +476,8 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)  # (BM,)
     offs_d = tl.arange(0, BLOCK_D)
     row_off = bh.to(tl.int64) * T * HEAD_DIM
-    k_base = K + bh.to(tl.int64) * S * HEAD_DIM
-    v_base = V + bh.to(tl.int64) * S * HEAD_DIM
+    k_base = K + (bh // GROUP).to(tl.int64) * S * HEAD_DIM
+    v_base = V + (bh // GROUP).to(tl.int64) * S * HEAD_DIM
     qk_scale = sm_scale * LOG2E
 
     q = _load_rows(Q + row_off, offs_m, T, offs_d, HEAD_DIM, BLOCK_D)  # (BM, BLOCK_D)
@@ -574,8 +584,8 @@ def _blocks(kernel: str, block_d: int, dtype: torch.dtype, dropout: bool) -> _Bl
 # ---------------------------------------------------------------------------------------
 
 
-def _check_qkv(q, k, v, causal: bool, dropout_p: float, seed: int) -> tuple[int, int, int, int, int]:
-    """Validate an attention problem; return (B, H, T, S, D)."""
+def _check_qkv(q, k, v, causal: bool, dropout_p: float, seed: int) -> tuple[int, int, int, int, int, int]:
+    """Validate an attention problem; return (B, H, Hkv, T, S, D)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -589,10 +599,10 @@ def _check_qkv(q, k, v, causal: bool, dropout_p: float, seed: int) -> tuple[int,
         raise ValueError(f"attention: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     check_kernel_device("attention", q)
     B, H, T, D = q.shape
-    S = k.shape[2]
-    if tuple(k.shape) != (B, H, S, D) or v.shape != k.shape:
-        raise ValueError(f"attention: expected k and v of shape (B, H, S, D) = ({B}, {H}, S, {D}) to match "
-                         f"q {tuple(q.shape)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    Hkv, S = k.shape[1], k.shape[2]
+    if tuple(k.shape) != (B, Hkv, S, D) or v.shape != k.shape or Hkv < 1 or H % Hkv:
+        raise ValueError(f"attention: expected k and v of shape (B, Hkv, S, D) = ({B}, Hkv, S, {D}) with Hkv "
+                         f"dividing H={H}, to match q {tuple(q.shape)}; got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not 1 <= D <= 128:
         raise ValueError(f"attention: head dim must be between 1 and 128, got D={D}")
     if min(B, H, T, S) < 1:
@@ -605,20 +615,21 @@ def _check_qkv(q, k, v, causal: bool, dropout_p: float, seed: int) -> tuple[int,
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     if not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ValueError(f"attention: seed must be an int in [0, 2**31), got {seed!r}")
-    return B, H, T, S, D
+    return B, H, Hkv, T, S, D
 
 
 def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
     """Fused attention forward: o = dropout(softmax(scale · q kᵀ + mask)) v.
 
-    q (B, H, T, D); k, v (B, H, S, D), float16/bfloat16/float32 on CUDA (or CPU under
+    q (B, H, T, D); k, v (B, Hkv, S, D), float16/bfloat16/float32 on CUDA (or CPU under
     TRITON_INTERPRET=1); D up to 128 (zero-padded to a multiple of 8 inside). scale
-    defaults to 1/sqrt(D).
+    defaults to 1/sqrt(D). Hkv < H is grouped-query attention: query head h reads K/V
+    head h // (H / Hkv), never a repeated copy.
     causal masks bottom-right (query i sees key j iff j <= i + S - T; needs S >= T).
     Returns o (B, H, T, D) in q's dtype and lse (B, H, T) float32, the natural-log
     log-sum-exp of each row's scaled, masked scores, which attention_backward needs.
     """
-    B, H, T, S, D = _check_qkv(q, k, v, causal, dropout_p, seed)
+    B, H, Hkv, T, S, D = _check_qkv(q, k, v, causal, dropout_p, seed)
     scale = 1.0 / D**0.5 if scale is None else float(scale)
     q, k, v = _pad_head_dim(q, k, v)
     head_dim = D
@@ -629,7 +640,7 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
     cfg = _blocks("fwd", block_d, q.dtype, dropout_p > 0.0)
     grid = (triton.cdiv(T, cfg.block_m), B * H)
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, scale, T, S, seed, float(dropout_p),
+        q, k, v, o, lse, scale, T, S, H // Hkv, seed, float(dropout_p),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -638,13 +649,14 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
 
 
 def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0.0, seed=0):
-    """Gradients (dq, dk, dv) of attention_forward, in the inputs' dtype.
+    """Gradients (dq, dk, dv) of attention_forward, in the inputs' dtype; with grouped-query
+    attention dk, dv (B, Hkv, S, D) are summed over the query heads of each group.
 
     do, o (B, H, T, D) and lse (B, H, T) are the upstream gradient and what
     attention_forward returned; scale, causal, dropout_p and seed must be the forward's
     (the dropout mask is regenerated from the seed).
     """
-    B, H, T, S, D = _check_qkv(q, k, v, causal, dropout_p, seed)
+    B, H, Hkv, T, S, D = _check_qkv(q, k, v, causal, dropout_p, seed)
     for name, x in (("do", do), ("o", o)):
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, H, T, D):
             raise ValueError(f"attention_backward: {name} must be a tensor of shape {(B, H, T, D)}, got "
@@ -671,8 +683,8 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     cfg = _blocks("dkdv", block_d, q.dtype, dropout)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv, scale, T, S, seed, float(dropout_p),
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, scale, T, S, H // Hkv, seed, float(dropout_p),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), DROPOUT=dropout, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -681,7 +693,7 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0
     dq = torch.empty_like(q)
     cfg = _blocks("dq", block_d, q.dtype, dropout)
     _attn_bwd_dq_kernel[(triton.cdiv(T, cfg.block_m), B * H)](
-        q, k, v, do, lse, delta, dq, scale, T, S, seed, float(dropout_p),
+        q, k, v, do, lse, delta, dq, scale, T, S, H // Hkv, seed, float(dropout_p),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), DROPOUT=dropout, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -4,7 +4,12 @@ The ground truth the Triton kernels in ``kernels/attention.py`` and the numpy ba
 blocked attention (``engine/backends/numpy_attention.py``) answer to. Written for
 clarity, not speed: it builds the full (T, S) score matrix per head, which they never do.
 
-Shapes: q (B, H, T, D); k, v (B, H, S, D); o (B, H, T, D); lse (B, H, T).
+Shapes: q (B, H, T, D); k, v (B, Hkv, S, D); o (B, H, T, D); lse (B, H, T).
+
+Grouped-query attention: with Hkv < H (H a multiple of Hkv), query head h reads K/V head
+h // (H / Hkv). The reference repeats K and V to H heads (``repeat_kv_heads``) and sums
+the gradients of each group back onto its K/V head (``sum_kv_groups``); the kernels never
+repeat them.
 
 NOTE: the causal mask is aligned to the bottom-right corner: query row i may attend
 key j iff ``j <= i + (S - T)``. With S == T this is the usual lower triangle; with
@@ -28,11 +33,11 @@ def _check_inputs(q, k, v, causal, dropout_mask, dropout_p):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, T, D = q.shape
-    S = k.shape[2]
-    if k.shape != (B, H, S, D) or v.shape != k.shape:
+    Hkv, S = k.shape[1], k.shape[2]
+    if k.shape != (B, Hkv, S, D) or v.shape != k.shape or Hkv < 1 or H % Hkv:
         raise ValueError(
-            f"attention: expected k and v of shape (B, H, S, D) = ({B}, {H}, S, {D}) matching q {q.shape}, "
-            f"got k {k.shape}, v {v.shape}"
+            f"attention: expected k and v of shape (B, Hkv, S, D) = ({B}, Hkv, S, {D}) with Hkv dividing H={H}, "
+            f"matching q {q.shape}; got k {k.shape}, v {v.shape}"
         )
     if min(B, H, T, S, D) < 1:
         raise ValueError(f"attention: empty dimension in q {q.shape} / k {k.shape}")
@@ -54,6 +59,20 @@ def _check_inputs(q, k, v, causal, dropout_mask, dropout_p):
 def causal_mask(T: int, S: int) -> np.ndarray:
     """(T, S) bool, True where query row i may attend key j: j <= i + (S - T)."""
     return np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+
+
+def repeat_kv_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
+    """(B, Hkv, S, D) -> (B, n_heads, S, D): head h is x's head h // (n_heads / Hkv); x itself
+    when Hkv = n_heads."""
+    return x if x.shape[1] == n_heads else np.repeat(x, n_heads // x.shape[1], axis=1)
+
+
+def sum_kv_groups(dx: np.ndarray, n_kv_heads: int) -> np.ndarray:
+    """(B, H, S, D) gradients of the repeated heads -> (B, n_kv_heads, S, D), summed per group."""
+    B, H, S, D = dx.shape
+    if H == n_kv_heads:
+        return dx
+    return dx.reshape(B, n_kv_heads, H // n_kv_heads, S, D).sum(axis=2)
 
 
 def _probabilities(q, k, scale, causal, lse=None):
@@ -81,7 +100,7 @@ def _apply_dropout(x, dropout_mask, dropout_p):
 def attention_forward(q, k, v, scale=None, causal=True, dropout_mask=None, dropout_p=0.0):
     """o = dropout(softmax(scale · q kᵀ + mask)) v.
 
-    q: (B, H, T, D); k, v: (B, H, S, D), all float32 or all float64.
+    q: (B, H, T, D); k, v: (B, Hkv, S, D), all float32 or all float64 (Hkv divides H).
     scale: defaults to 1 / sqrt(D).
     causal: bottom-right aligned mask (see the module docstring); needs S >= T.
     dropout_mask: optional bool (B, H, T, S), True = keep; applied to the probabilities,
@@ -91,6 +110,7 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_mask=None, dropo
     """
     D = _check_inputs(q, k, v, causal, dropout_mask, dropout_p)[-1]
     scale = 1.0 / float(np.sqrt(D)) if scale is None else float(scale)
+    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])  # (B, H, S, D)
     p, lse = _probabilities(q, k, scale, causal)  # (B, H, T, S), (B, H, T)
     o = _apply_dropout(p, dropout_mask, dropout_p) @ v  # (B, H, T, D)
     return o.astype(q.dtype, copy=False), lse
@@ -112,7 +132,8 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_mas
         dK     = scale · dSᵀ Q                     (S, D)
 
     The identity rowsum(P ∘ dP) = rowsum(dO ∘ O) holds because O = P_drop V, so Δ needs
-    only O and dO (an O(T·D) product) instead of the (T, S) matrix.
+    only O and dO (an O(T·D) product) instead of the (T, S) matrix. With grouped-query
+    attention dK and dV are computed per query head and summed over each group.
     """
     D = _check_inputs(q, k, v, causal, dropout_mask, dropout_p)[-1]
     for name, x, shape in (("do", do, q.shape), ("o", o, q.shape), ("lse", lse, q.shape[:3])):
@@ -122,6 +143,8 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_mas
     scale = 1.0 / float(np.sqrt(D)) if scale is None else float(scale)
     dtype = q.dtype
     do, o, lse = do.astype(dtype, copy=False), o.astype(dtype, copy=False), lse.astype(dtype, copy=False)
+    n_kv_heads = k.shape[1]
+    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])  # (B, H, S, D)
 
     p, _ = _probabilities(q, k, scale, causal, lse=lse)  # (B, H, T, S)
     p_drop = _apply_dropout(p, dropout_mask, dropout_p)  # (B, H, T, S)
@@ -131,6 +154,7 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_mas
     ds = p * (dp - delta)  # (B, H, T, S)
     dq = dtype.type(scale) * (ds @ k)  # (B, H, T, D)
     dk = dtype.type(scale) * (np.swapaxes(ds, -1, -2) @ q)  # (B, H, S, D)
+    dk, dv = sum_kv_groups(dk, n_kv_heads), sum_kv_groups(dv, n_kv_heads)  # (B, Hkv, S, D)
     return dq.astype(dtype, copy=False), dk.astype(dtype, copy=False), dv.astype(dtype, copy=False)
 
 

@@ -84,6 +84,28 @@ def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+ROW_MIN_BLOCK = 16  # row kernels pad shorter rows to 16: fewer configurations to compile
+ROW_CUDA_TILE = 2048  # row kernels on the GPU: elements per program, ROWS = ROW_CUDA_TILE // BLOCK_N
+
+
+def row_config(n: int, m: int, on_cuda: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for a kernel that holds whole rows of length n, over m rows."""
+    block_n = max(ROW_MIN_BLOCK, triton.next_power_of_2(n))
+    rows = max(1, (ROW_CUDA_TILE if on_cuda else INTERPRET_TILE) // block_n)
+    if not on_cuda:
+        rows = min(rows, triton.next_power_of_2(max(m, 1)))
+    num_warps = min(16, max(4, block_n * rows // 256))
+    return block_n, rows, num_warps
+
+
+def row_programs(m: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(programs, tiles per program) for a row reduction that walks m rows in tiles of ``rows``
+    and writes one row of partial sums per program (see ``sum_partials``)."""
+    n_tiles = triton.cdiv(m, rows)
+    tiles_per_program = max(1, triton.cdiv(n_tiles, max(1, min(n_tiles, num_programs_budget(device)))))
+    return max(1, triton.cdiv(n_tiles, tiles_per_program)), tiles_per_program
+
+
 def sm90_compile_specs() -> list[CompileSpec]:
     """The partial-sum reduction as the launchers pick it on a GPU, into fp32 and bf16 outputs."""
     block_p, block_c, num_warps = _partials_config(1, 1, on_cuda=True)

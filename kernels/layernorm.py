@@ -17,12 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRET_TILE, check_dtype, check_kernel_device, num_programs_budget, sum_partials
+from kernels.common import ROW_MIN_BLOCK, check_dtype, check_kernel_device, row_config, row_programs, sum_partials
 from kernels.compile_spec import CompileSpec, kernel_signature
 
 MAX_N = 16384  # one program holds whole rows: BLOCK_N = next_pow2(N) <= MAX_N
-MIN_BLOCK_N = 16  # smaller rows are padded; fewer configurations to compile
-CUDA_TILE = 2048  # elements per program on the GPU: ROWS = CUDA_TILE // BLOCK_N
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -122,15 +120,6 @@ def _layer_norm_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _row_config(n: int, on_cuda: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) for rows of length n."""
-    block_n = max(MIN_BLOCK_N, triton.next_power_of_2(n))
-    tile = CUDA_TILE if on_cuda else INTERPRET_TILE
-    rows = max(1, tile // block_n)
-    num_warps = min(16, max(4, block_n * rows // 256))
-    return block_n, rows, num_warps
-
-
 def _check_feature_size(name: str, n: int) -> None:
     if n < 1 or n > MAX_N:
         raise ValueError(f"{name}: feature size N={n} must be in [1, {MAX_N}] (whole rows live in one program)")
@@ -159,9 +148,7 @@ def layer_norm_forward(x, weight, bias, eps=1e-5):
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     if m > 0:
-        block_n, rows, num_warps = _row_config(n, x.is_cuda)
-        if not x.is_cuda:
-            rows = min(rows, triton.next_power_of_2(m))
+        block_n, rows, num_warps = row_config(n, m, x.is_cuda)
         _layer_norm_fwd_kernel[(triton.cdiv(m, rows),)](
             x2,
             weight.contiguous(),
@@ -207,13 +194,8 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
     dy2 = dy.contiguous().view(-1, n)  # (M, N)
     m = x2.shape[0]
     dx = torch.empty_like(x2)
-    block_n, rows, num_warps = _row_config(n, x.is_cuda)
-    if not x.is_cuda:
-        rows = min(rows, triton.next_power_of_2(max(m, 1)))
-    n_tiles = triton.cdiv(m, rows)
-    n_programs = max(1, min(n_tiles, num_programs_budget(x.device)))
-    tiles_per_program = max(1, triton.cdiv(n_tiles, n_programs))
-    n_programs = max(1, triton.cdiv(n_tiles, tiles_per_program))
+    block_n, rows, num_warps = row_config(n, m, x.is_cuda)
+    n_programs, tiles_per_program = row_programs(m, rows, x.device)
     partials = torch.zeros(n_programs, 2 * n, device=x.device, dtype=torch.float32)  # (P, 2N)
     if m > 0:
         _layer_norm_bwd_kernel[(n_programs,)](
@@ -245,10 +227,10 @@ def sm90_compile_specs() -> list[CompileSpec]:
     and for fp32 at the largest BLOCK_N (the most registers).
     """
     specs = []
-    block_ns = [1 << k for k in range(MIN_BLOCK_N.bit_length() - 1, MAX_N.bit_length())]
+    block_ns = [1 << k for k in range(ROW_MIN_BLOCK.bit_length() - 1, MAX_N.bit_length())]
     variants = [("bf16", b) for b in block_ns] + [("fp32", MAX_N)]
     for act, block_n in variants:
-        _, rows, num_warps = _row_config(block_n, on_cuda=True)
+        _, rows, num_warps = row_config(block_n, 1, on_cuda=True)
         consts = {"BLOCK_N": block_n, "ROWS": rows}
         tag = f"[{act},BLOCK_N={block_n},ROWS={rows},warps={num_warps}]"
         fwd_sig = kernel_signature(

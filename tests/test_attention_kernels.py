@@ -59,11 +59,12 @@ def assert_close(name, actual, expected, tol: Tol) -> None:
         )
 
 
-def random_problem(B, H, T, S, D, dtype, seed=0):
-    """q, k, v, do as torch tensors of `dtype` on the kernel device (one shared upstream gradient do)."""
+def random_problem(B, H, T, S, D, dtype, seed=0, Hkv=None):
+    """q, k, v, do as torch tensors of `dtype` on the kernel device (one shared upstream gradient do);
+    k and v have Hkv heads (default H)."""
     gen = torch.Generator().manual_seed(seed)
     q, do = (torch.randn(B, H, T, D, generator=gen) for _ in range(2))
-    k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(2))
+    k, v = (torch.randn(B, Hkv or H, S, D, generator=gen) for _ in range(2))
     return tuple(x.to(dtype=dtype, device=DEVICE) for x in (q, k, v, do))
 
 
@@ -112,6 +113,25 @@ def test_reference_matches_torch_float64(T, S, causal, dropout_p, rng):
     for name, ours, theirs in (("o", o, t_o), ("lse", lse, t_lse), ("dq", dq, tq.grad), ("dk", dk, tk.grad),
                                ("dv", dv, tv.grad)):
         assert_close(name, ours, as64(theirs), tight)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("H, Hkv, T, S", [(6, 2, 5, 5), (4, 1, 3, 8), (4, 4, 1, 6)])
+def test_grouped_query_reference_matches_torch_float64(H, Hkv, T, S, causal, rng):
+    """K/V heads shared by groups of query heads, as torch computes it with repeated K/V."""
+    B, D, scale = 2, 8, 0.4
+    q, do = rng.standard_normal((2, B, H, T, D))
+    k, v = rng.standard_normal((2, B, Hkv, S, D))
+    o, lse = ref.attention_forward(q, k, v, scale=scale, causal=causal)
+    dq, dk, dv = ref.attention_backward(do, q, k, v, o, lse, scale=scale, causal=causal)
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    t_o, t_lse = torch_attention(tq, tk.repeat_interleave(H // Hkv, 1), tv.repeat_interleave(H // Hkv, 1),
+                                 scale, causal)
+    t_o.backward(torch.tensor(do))
+    assert dk.shape == dv.shape == (B, Hkv, S, D)
+    for name, ours, theirs in (("o", o, t_o), ("lse", lse, t_lse), ("dq", dq, tq.grad), ("dk", dk, tk.grad),
+                               ("dv", dv, tv.grad)):
+        assert_close(name, ours, as64(theirs), Tol(1e-12, 1e-10))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -165,6 +185,38 @@ def test_kernels_match_reference(B, H, T, S, D, causal, scale, dtype):
     assert_close("o", o, r_o, tol_o)
     assert_close("lse", lse, r_lse, tol_lse)
     for name, ours, want in (("dq", dq, r_dq), ("dk", dk, r_dk), ("dv", dv, r_dv)):
+        assert_close(name, ours, want, tol_grad)
+
+
+# (B, H, Hkv, T, S, D, causal, dropout_p): Llama-like groups of 2, 3 and 4, multi-query (Hkv = 1),
+# a prefill, KV-cache steps with S > T, and dropout drawn per query head.
+GQA_CASES = [
+    (2, 4, 2, 17, 17, 24, True, 0.0),
+    (1, 6, 2, 1, 45, 64, True, 0.0),  # decode step: one query per head sees every cached key
+    (1, 4, 1, 9, 70, 16, True, 0.0),  # multi-query, causal with S > T
+    (1, 3, 1, 40, 33, 80, False, 0.0),
+    (1, 4, 2, 50, 50, 16, True, 0.3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B, H, Hkv, T, S, D, causal, dropout_p", GQA_CASES)
+def test_grouped_query_kernels_match_reference(B, H, Hkv, T, S, D, causal, dropout_p, dtype):
+    seed = 77
+    q, k, v, do = random_problem(B, H, T, S, D, dtype, Hkv=Hkv)
+    o, lse = attention_forward(q, k, v, causal=causal, dropout_p=dropout_p, seed=seed)
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal=causal, dropout_p=dropout_p, seed=seed)
+    assert dk.shape == dv.shape == (B, Hkv, S, D)
+
+    mask = attention_dropout_mask(B, H, T, S, dropout_p, seed, DEVICE).cpu().numpy() if dropout_p else None
+    r_o, r_lse = ref.attention_forward(as64(q), as64(k), as64(v), causal=causal, dropout_mask=mask,
+                                       dropout_p=dropout_p)
+    r_grads = ref.attention_backward(as64(do), as64(q), as64(k), as64(v), r_o, r_lse, causal=causal,
+                                     dropout_mask=mask, dropout_p=dropout_p)
+    tol_o, tol_lse, tol_grad = TOLERANCES[dtype]
+    assert_close("o", o, r_o, tol_o)
+    assert_close("lse", lse, r_lse, tol_lse)
+    for name, ours, want in zip(("dq", "dk", "dv"), (dq, dk, dv), r_grads):
         assert_close(name, ours, want, tol_grad)
 
 
@@ -238,6 +290,8 @@ def _bad_inputs(make) -> dict:
         "head dim 136": ((make(1, 2, 4, 136),) * 3, {}, "between 1 and 128, got D=136"),
         "k head dim differs": ((good[0], make(1, 2, 4, 8), good[2]), {}, "shape"),
         "v length differs": ((good[0], good[1], make(1, 2, 5, 16)), {}, "shape"),
+        "K/V heads not dividing H": ((make(1, 3, 4, 16), make(1, 2, 4, 16), make(1, 2, 4, 16)), {},
+                                     "Hkv dividing H=3"),
         "causal with S < T": ((make(1, 2, 6, 16), *good[1:]), {"causal": True}, "S=4 < T=6"),
         "dropout_p = 1": (good, {"dropout_p": 1.0}, "dropout_p"),
     }

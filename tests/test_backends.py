@@ -244,3 +244,18 @@ def test_small_gpt_same_logits_gradients_and_first_losses_on_both_backends():
     np.testing.assert_allclose(ours[2], ref[2], atol=1e-5)
     np.testing.assert_array_equal(ours[3][0], ours[3][1])  # cached == uncached on triton
     np.testing.assert_array_equal(ours[3][0], ref[3][0])  # and the same tokens as numpy
+
+
+def test_rms_norm_swiglu_and_rope():
+    check_backends_agree(lambda x, w: F.rms_norm(x, w), [randn(2, 7, 48), randn(48)])
+    check_backends_agree(lambda x, w: F.rms_norm(x, w), [randn(2, 5, 3, 16), randn(16)])  # per-head q/k norm
+    check_backends_agree(F.swiglu, [randn(3, 37) * 4, randn(3, 37)])
+    angles = np.arange(9)[:, None] * 10000.0 ** -(np.arange(0, 16, 2) / 16)  # (9, 8)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    check_backends_agree(lambda x: F.rope(x.transpose(1, 2), engine.tensor(cos), engine.tensor(sin), 4),
+                         [randn(2, 5, 3, 16)])
+
+
+@pytest.mark.parametrize("T, S", [(9, 9), (1, 12), (4, 12)])
+def test_grouped_query_attention_with_kv_cache_shapes(T, S):
+    check_backends_agree(F.causal_attention, [randn(1, 4, T, 16), randn(1, 2, S, 16) * 0.5, randn(1, 2, S, 16)])

@@ -142,3 +142,40 @@ def test_dropout_is_seeded_scaled_and_off_in_eval():
     assert F.dropout(x, 0.25, training=False) is x
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         F.dropout(x, 1.0)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (2, 3, 4, 5), (1, 1)])
+def test_rms_norm(shape):
+    n = shape[-1]
+    check_op([shape, (n,)], lambda x, w: F.rms_norm(x, w, 1e-6), lambda x, w: TF.rms_norm(x, (n,), w, 1e-6),
+             atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 7)])
+def test_swiglu(shape):
+    check_op([shape, shape], F.swiglu, lambda g, u: TF.silu(g) * u, low=-6, high=6)
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_rope_on_a_transposed_view(offset):
+    B, T, H, D = 2, 5, 3, 6
+    angles = np.arange(offset + T)[:, None] * 10000.0 ** -(np.arange(0, D, 2) / D)  # (P, D/2)
+    cos, sin = np.cos(angles), np.sin(angles)
+
+    def torch_rope(x):  # Hugging Face's form: x * cos + rotate_half(x) * sin, tables duplicated
+        x = x.transpose(1, 2)
+        c, s = (torch.tensor(np.concatenate([a, a], -1)[offset:]) for a in (cos, sin))
+        return x * c + torch.cat([-x[..., D // 2:], x[..., : D // 2]], -1) * s
+
+    ours = lambda x: F.rope(x.transpose(1, 2), engine.tensor(cos, dtype="float64"),  # noqa: E731
+                            engine.tensor(sin, dtype="float64"), offset)
+    check_op([(B, T, H, D)], ours, torch_rope)
+
+
+@pytest.mark.parametrize("H, Hkv, T, S", [(4, 2, 5, 5), (6, 2, 1, 7), (3, 1, 4, 9)])
+def test_grouped_query_attention(H, Hkv, T, S):
+    def torch_gqa(q, k, v):
+        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)  # bottom-right aligned, as ours
+        return TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    check_op([(2, H, T, 8), (2, Hkv, S, 8), (2, Hkv, S, 8)], F.causal_attention, torch_gqa, gradcheck=T * H <= 12)

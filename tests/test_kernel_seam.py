@@ -32,9 +32,10 @@ def test_a_backend_missing_a_method_or_kernel_fails_at_construction():
     with pytest.raises(TypeError, match="matmul"):
         no_matmul()
     with pytest.raises(TypeError, match="no implementation of cross_entropy_forward, cross_entropy_backward"):
-        from kernels import attention_ref, gelu_ref, layernorm_ref
+        from kernels import attention_ref, gelu_ref, layernorm_ref, rmsnorm_ref, rope_ref, swiglu_ref
 
-        kernel_namespace(gelu_ref, layernorm_ref, attention_forward=attention_ref.seeded_attention_forward,
+        kernel_namespace(gelu_ref, layernorm_ref, rmsnorm_ref, rope_ref, swiglu_ref,
+                         attention_forward=attention_ref.seeded_attention_forward,
                          attention_backward=attention_ref.seeded_attention_backward)
 
 
@@ -42,9 +43,10 @@ def test_a_backend_can_swap_in_its_own_implementation_of_one_op():
     def faster_gelu_forward(x):
         return x
 
-    from kernels import attention_ref, cross_entropy_ref, gelu_ref, layernorm_ref
+    from kernels import attention_ref, cross_entropy_ref, gelu_ref, layernorm_ref, rmsnorm_ref, rope_ref, swiglu_ref
 
-    ns = kernel_namespace(gelu_ref, layernorm_ref, cross_entropy_ref, gelu_forward=faster_gelu_forward,
+    ns = kernel_namespace(gelu_ref, layernorm_ref, rmsnorm_ref, rope_ref, swiglu_ref, cross_entropy_ref,
+                          gelu_forward=faster_gelu_forward,
                           attention_forward=attention_ref.seeded_attention_forward,
                           attention_backward=attention_ref.seeded_attention_backward)
     assert ns.gelu_forward is faster_gelu_forward and ns.gelu_backward is gelu_ref.gelu_backward

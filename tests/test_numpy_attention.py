@@ -16,21 +16,23 @@ def reference_keep_mask(seed, dropout_p, B, H, T, S):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize(
-    "T, S, causal",
+    "T, S, causal, Hkv",
     [
-        (300, 300, True),  # three blocks, the last one short
-        (300, 300, False),
-        (1, 1, True),
-        (1, 9, True),  # a KV-cache decode step: the one query sees every key
-        (5, 133, True),  # bottom-right causal with more keys than queries, odd stream offsets
-        (129, 70, False),
+        (300, 300, True, 3),  # three blocks, the last one short
+        (300, 300, False, 3),
+        (1, 1, True, 3),
+        (1, 9, True, 3),  # a KV-cache decode step: the one query sees every key
+        (5, 133, True, 3),  # bottom-right causal with more keys than queries, odd stream offsets
+        (129, 70, False, 3),
+        (150, 150, True, 1),  # grouped-query attention: 3 query heads share one K/V head
+        (7, 133, True, 1),
     ],
 )
-def test_blocked_attention_matches_the_reference(T, S, causal, dropout_p):
+def test_blocked_attention_matches_the_reference(T, S, causal, Hkv, dropout_p):
     B, H, D, seed, scale = 2, 3, 8, 1234, 0.3
     rng = np.random.default_rng(T * 1000 + S)
     q, do = rng.standard_normal((2, B, H, T, D))
-    k, v = rng.standard_normal((2, B, H, S, D))
+    k, v = rng.standard_normal((2, B, Hkv, S, D))
     mask = reference_keep_mask(seed, dropout_p, B, H, T, S) if dropout_p else None
     o_ref, lse_ref = ref.attention_forward(q, k, v, scale, causal, mask, dropout_p)
     grads_ref = ref.attention_backward(do, q, k, v, o_ref, lse_ref, scale, causal, mask, dropout_p)
@@ -75,3 +77,4 @@ def test_memory_grows_with_t_not_t_squared():
     small, large = _attention_peak_bytes(1024), _attention_peak_bytes(4096)
     assert large < 5 * small, f"peak {small} bytes at T=1024, {large} at T=4096 (T² would be 16x)"
     assert large < 4096 * 4096 * 8 / 4, f"peak {large} bytes: a quarter of one (T, T) float64 matrix"
+

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engine.backends import numpy_fused
-from kernels import gelu_ref, layernorm_ref
+from kernels import gelu_ref, layernorm_ref, rmsnorm_ref, swiglu_ref
 
 # more elements than one chunk on each of two threads, and a ragged last chunk
 SHAPES = [(3, 5), (7, 9001), (40, 3 * 1024 + 5)]
@@ -50,6 +50,22 @@ def test_layer_norm(shape, dtype):
     np.testing.assert_allclose(db, rdb, rtol=tol, atol=tol * shape[0])
 
 
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swiglu_and_rms_norm(shape, dtype):
+    gate, up, dy, weight = *arrays(shape, dtype, 3), arrays(shape[-1:], dtype, 1, seed=1)[0]
+    assert_same_bits(numpy_fused.swiglu_forward(gate, up), swiglu_ref.swiglu_forward(gate, up))
+    for ours, ref in zip(numpy_fused.swiglu_backward(dy, gate, up), swiglu_ref.swiglu_backward(dy, gate, up)):
+        assert_same_bits(ours, ref)
+    y, rstd = numpy_fused.rms_norm_forward(gate, weight, 1e-6)
+    for ours, ref in zip((y, rstd), rmsnorm_ref.rms_norm_forward(gate, weight, 1e-6)):
+        assert_same_bits(ours, ref)
+    dx, dw = numpy_fused.rms_norm_backward(dy, gate, weight, rstd)
+    rdx, rdw = rmsnorm_ref.rms_norm_backward(dy, gate, weight, rstd)
+    assert_same_bits(dx, rdx)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(dw, rdw, rtol=tol, atol=tol * shape[0])
 
 
 @pytest.mark.parametrize("size", [5, 70_001])

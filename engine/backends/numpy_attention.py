@@ -7,8 +7,10 @@ log-sum-exp per row; backward recomputes each block's probabilities from that ls
 instead of keeping a (T, S) matrix. Heads are split across the backend's threads, one
 BLAS thread each.
 
-Shapes: q (B, H, T, D); k, v (B, H, S, D); o (B, H, T, D); lse (B, H, T). The causal
+Shapes: q (B, H, T, D); k, v (B, Hkv, S, D); o (B, H, T, D); lse (B, H, T). The causal
 mask is bottom-right aligned as in the reference: row i sees key j iff j <= i + (S - T).
+Grouped-query K/V heads (Hkv < H) are repeated to H heads on entry and their gradients
+summed per group on exit, as the reference does (the Triton kernels never repeat them).
 
 The dropout keep-mask is the reference's draw, ``default_rng(seed).random((B, H, T, S),
 float32) >= p``, produced block by block: each block jumps the generator to its own
@@ -20,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.backends.numpy_threads import one_blas_thread, parallel_ranges
-from kernels.attention_ref import _check_inputs
+from kernels.attention_ref import _check_inputs, repeat_kv_heads, sum_kv_groups
 
 BLOCK_ROWS = 128  # query rows per block: the diagonal block computes bq²/2 masked scores it discards
 GROUP_FLOATS = 1 << 17  # scores per group of heads worked on together (512 KiB in float32: cache-sized)
@@ -107,6 +109,8 @@ class _Problem:
 
 def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
     """o = dropout(softmax(scale · q kᵀ + mask)) v and the rows' lse; see the module docstring."""
+    _check_inputs(q, k, v, causal, None, 0.0)
+    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])  # (B, H, S, D)
     pb = _Problem(q, k, v, scale, causal, dropout_p, seed)
     o = np.empty_like(pb.q)  # (BH, T, D)
     lse = np.empty(pb.q.shape[:2], dtype=pb.dtype)  # (BH, T)
@@ -130,6 +134,9 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
 def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0.0, seed=0):
     """(dq, dk, dv) of attention_forward, each block's probabilities recomputed from lse
     (the formulas are in kernels/attention_ref.attention_backward)."""
+    _check_inputs(q, k, v, causal, None, 0.0)
+    n_kv_heads = k.shape[1]
+    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])  # (B, H, S, D)
     pb = _Problem(q, k, v, scale, causal, dropout_p, seed)
     flat = (pb.B * pb.H, pb.T)
     do = np.ascontiguousarray(do, dtype=pb.dtype).reshape(flat + (pb.D,))  # (BH, T, D)
@@ -156,4 +163,5 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0
 
     pb.split(body)
     dq *= pb.scale
-    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+    dk, dv = (sum_kv_groups(x.reshape(k.shape), n_kv_heads) for x in (dk, dv))  # (B, Hkv, S, D)
+    return dq.reshape(q.shape), dk, dv

@@ -9,7 +9,7 @@ import numpy as np
 
 from engine.backends import numpy_attention, numpy_fused, numpy_threads
 from engine.backends.base import Array, Axis, Backend, kernel_namespace
-from kernels import cross_entropy_ref
+from kernels import cross_entropy_ref, rope_ref
 
 _DTYPES = {
     "float32": np.float32,
@@ -31,6 +31,7 @@ class NumpyBackend(Backend):
         super().__init__(
             kernel_namespace(
                 numpy_fused,
+                rope_ref,
                 cross_entropy_ref,
                 attention_forward=numpy_attention.attention_forward,
                 attention_backward=numpy_attention.attention_backward,

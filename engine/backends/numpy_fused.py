@@ -6,7 +6,8 @@ expression makes stay in the CPU cache, so a formula of ten ufuncs reads and wri
 memory about once instead of ten times; chunks are shared among the threads (NumPy
 releases the GIL inside each ufunc). Every element goes through the same operations in
 the same order as in the reference, so the results are bit for bit the reference's;
-only sums over rows (LayerNorm's weight and bias gradients) add per-thread partial sums.
+only sums over rows (LayerNorm's and RMSNorm's weight and bias gradients) add per-thread
+partial sums.
 
 Signatures are the references' (and the backend's).
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.backends.numpy_threads import chunks, parallel_ranges
-from kernels import gelu_ref, layernorm_ref
+from kernels import gelu_ref, layernorm_ref, rmsnorm_ref, swiglu_ref
 
 CHUNK = 16384  # elements per piece: 64 KiB of float32 per temporary, below malloc's mmap threshold
 
@@ -127,6 +128,29 @@ def bias_gelu_backward(dy, x, bias):
     return dx.reshape(x.shape), dbias.astype(x.dtype)
 
 
+# --- SwiGLU ---
+def swiglu_forward(gate, up):
+    g1, u1 = (np.ascontiguousarray(a).reshape(-1) for a in (gate, up))
+    out = np.empty_like(g1)
+
+    def body(lo, hi):
+        out[lo:hi] = swiglu_ref.swiglu_forward(g1[lo:hi], u1[lo:hi])
+
+    _over_elements(g1.size, body)
+    return out.reshape(gate.shape)
+
+
+def swiglu_backward(dy, gate, up):
+    dy1, g1, u1 = (np.ascontiguousarray(a).reshape(-1) for a in (dy, gate, up))
+    dgate, dup = np.empty_like(g1), np.empty_like(u1)
+
+    def body(lo, hi):
+        dgate[lo:hi], dup[lo:hi] = swiglu_ref.swiglu_backward(dy1[lo:hi], g1[lo:hi], u1[lo:hi])
+
+    _over_elements(g1.size, body)
+    return dgate.reshape(gate.shape), dup.reshape(up.shape)
+
+
 # --- LayerNorm ---
 def layer_norm_forward(x, weight, bias, eps=1e-5):
     x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, N)
@@ -160,3 +184,35 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
     parallel_ranges(x2.shape[0], part, min_per_thread=max(1, CHUNK // n))
     dweight, dbias = sum(sums[start] for start in sorted(sums))  # a fixed order: the same bits every run
     return dx.reshape(x.shape), dweight, dbias
+
+
+# --- RMSNorm ---
+def rms_norm_forward(x, weight, eps=1e-6):
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, N)
+    y = np.empty(x2.shape, dtype=x.dtype)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+
+    def body(lo, hi):
+        y[lo:hi], rstd[lo:hi] = rmsnorm_ref.rms_norm_forward(x2[lo:hi], weight, eps)
+
+    _over_rows(x2.shape[0], x2.shape[1], body)
+    return y.reshape(x.shape), rstd.reshape(x.shape[:-1])
+
+
+def rms_norm_backward(dy, x, weight, rstd):
+    n = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, n)  # (rows, N)
+    dy2 = np.ascontiguousarray(dy).reshape(x2.shape)
+    rstd1 = rstd.reshape(-1)
+    dx = np.empty(x2.shape, dtype=x.dtype)
+    sums: dict[int, np.ndarray] = {}  # first row of a thread's part -> its dweight sum
+
+    def part(start, stop):
+        total = sums[start] = np.zeros(n, dtype=weight.dtype)
+        for lo, hi in chunks(start, stop, max(1, CHUNK // n)):
+            dx[lo:hi], dw = rmsnorm_ref.rms_norm_backward(dy2[lo:hi], x2[lo:hi], weight, rstd1[lo:hi])
+            total += dw
+
+    parallel_ranges(x2.shape[0], part, min_per_thread=max(1, CHUNK // n))
+    dweight = sum(sums[start] for start in sorted(sums)) if sums else np.zeros(n, dtype=weight.dtype)
+    return dx.reshape(x.shape), dweight

@@ -57,9 +57,10 @@ class TritonBackend(Backend):
     def __init__(self) -> None:
         self.device = torch.device(_enable_interpreter_if_needed())
         # NOTE: imported here, after the interpreter switch above, never at module import.
-        from kernels import attention, cross_entropy, gelu, layernorm
+        from kernels import attention, cross_entropy, gelu, layernorm, rmsnorm, rope, swiglu
 
-        super().__init__(kernel_namespace(gelu, layernorm, attention, cross_entropy))  # the Triton launchers
+        # the Triton launchers
+        super().__init__(kernel_namespace(gelu, layernorm, rmsnorm, swiglu, rope, attention, cross_entropy))
         self._gen = torch.Generator(device=self.device)
         self._gen.manual_seed(0)
 

@@ -1,14 +1,15 @@
 """The Llama / Qwen3 decoder on our engine, from engine.nn modules and engine ops.
 
     ids (B, T) ─ embed_tokens ─ N × Block ─ norm ─ lm_head ─ logits (B, T, vocab)
-    Block:  x = x + o_proj(attention(rope(q), rope(k), v));  x = x + down(silu(gate(x)) · up(x))
+    Block:  x = x + o_proj(attention(rope(q), rope(k), v));  x = x + down(swiglu(gate(x), up(x)))
             (each branch reads RMSNorm(x): input_layernorm, post_attention_layernorm)
 
 Parameter names are Hugging Face's without the ``model.`` prefix (``layers.0.self_attn.q_proj``,
 ``mlp.gate_proj``, ``norm``), so loading is a prefix strip and LoRA targets read as in peft.
-Every layer is an ``nn.Linear`` or composed from engine ops, so autograd, LoRA and the
-optimizers work unchanged. RMSNorm, RoPE, SwiGLU and the K/V head repeat are composed from
-primitive ops here; fused kernels for them are a later step.
+Every layer is an ``nn.Linear`` or an engine op, so autograd, LoRA and the optimizers work
+unchanged. RMSNorm, RoPE, SwiGLU and grouped-query attention are the engine's fused ops
+(``F.rms_norm``, ``F.rope``, ``F.swiglu``, ``F.causal_attention`` with fewer K/V heads): Triton
+kernels on the triton backend, their NumPy twins on numpy; K/V heads are never repeated.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(engine.ones(dim))
 
     def forward(self, x: engine.Tensor) -> engine.Tensor:
-        rstd = ((x * x).mean(-1, keepdims=True) + self.eps) ** -0.5  # (..., 1)
-        return x * rstd * self.weight
+        return F.rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -57,22 +57,6 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
     return inv_freq * (blend + (1 - blend) / scaling.factor)
 
 
-def rotate(x: engine.Tensor, cos: engine.Tensor, sin: engine.Tensor) -> engine.Tensor:
-    """Rotary embedding on (B, H, T, D) with cos/sin (T, D/2): the pairs (x_i, x_{i+D/2})
-    turn by position × inv_freq_i (the "rotate half" layout of Hugging Face's Llama)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # (B, H, T, D/2) each
-    return engine.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # (B, H, T, D)
-
-
-def silu(x: engine.Tensor) -> engine.Tensor:
-    """x · sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2.
-
-    NOTE: the tanh form cannot overflow; 1 / (1 + exp(-x)) overflows exp for x < -88 in
-    fp32 and its backward then multiplies 0 by inf."""
-    return x * ((x * 0.5).tanh() + 1.0) * 0.5
-
-
 class Attention(nn.Module):
     """Grouped-query causal self-attention with rotary positions (and Qwen3's q/k RMSNorm)."""
 
@@ -89,8 +73,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
 
-    def forward(self, x: engine.Tensor, cos: engine.Tensor, sin: engine.Tensor, kv_cache: KVCache | None = None,
-                layer: int = 0) -> engine.Tensor:
+    def forward(self, x: engine.Tensor, cos: engine.Tensor, sin: engine.Tensor, start: int = 0,
+                kv_cache: KVCache | None = None, layer: int = 0) -> engine.Tensor:
+        """cos, sin: (P, D/2) tables of positions 0 … P-1; x's T tokens sit at positions start …"""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(x).reshape(B, T, H, D)  # (B, T, H, D)
@@ -98,22 +83,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rotate(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = rotate(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+        q = F.rope(q.transpose(1, 2), cos, sin, start)  # (B, H, T, D); the kernel reads the view in place
+        k = F.rope(k.transpose(1, 2), cos, sin, start)  # (B, Hkv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S + T, D): the cache holds the Hkv heads only
-        if H != Hkv:
-            k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # (B, H, S + T, D)
-        # NOTE: bottom-right aligned causal mask: new queries see every cached key.
+        # NOTE: grouped-query attention reads K/V head h // (H / Hkv) for query head h; the
+        # causal mask is bottom-right aligned, so new queries see every cached key.
         y = F.causal_attention(q, k, v)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, E)
-
-
-def repeat_kv(x: engine.Tensor, group: int) -> engine.Tensor:
-    """(B, Hkv, S, D) -> (B, Hkv · group, S, D): query head h reads K/V head h // group.
-    Its backward sums each group's gradients back onto its K/V head."""
-    B, Hkv, S, D = x.shape
-    return engine.cat([x.unsqueeze(2)] * group, axis=2).reshape(B, Hkv * group, S, D)
 
 
 class MLP(nn.Module):
@@ -126,7 +103,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.hidden_dim, config.emb_dim, bias=False)
 
     def forward(self, x: engine.Tensor) -> engine.Tensor:
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, E)
+        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))  # (B, T, E)
 
 
 class Block(nn.Module):
@@ -137,9 +114,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.emb_dim, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: engine.Tensor, cos: engine.Tensor, sin: engine.Tensor, kv_cache: KVCache | None = None,
-                layer: int = 0) -> engine.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer)  # (B, T, E)
+    def forward(self, x: engine.Tensor, cos: engine.Tensor, sin: engine.Tensor, start: int = 0,
+                kv_cache: KVCache | None = None, layer: int = 0) -> engine.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, kv_cache, layer)  # (B, T, E)
         return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, E)
 
 
@@ -160,6 +137,7 @@ class DecoderModel(nn.Module):
         if init_weights:  # a loader about to overwrite every weight skips the second draw
             self._init_weights()
         self.inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self._rope_tables: tuple[str, engine.Tensor, engine.Tensor] | None = None  # (backend, cos, sin)
 
     def _init_weights(self) -> None:
         """N(0, 0.02) for every matrix (Hugging Face's initializer_range), ones for the norms."""
@@ -186,16 +164,25 @@ class DecoderModel(nn.Module):
         if kv_cache is not None and len(kv_cache.keys) != len(self.layers):
             raise ValueError(f"DecoderModel: the KVCache has {len(kv_cache.keys)} layers, the model {len(self.layers)}")
         x = self.embed_tokens(ids)  # (B, T, E)
-        angles = np.arange(start, start + T, dtype=np.float64)[:, None] * self.inv_freq[None]  # (T, D/2)
-        cos = engine.tensor(np.cos(angles), dtype=x.dtype)  # (T, D/2)
-        sin = engine.tensor(np.sin(angles), dtype=x.dtype)  # (T, D/2)
+        cos, sin = self.rope_tables()  # (context_length, D/2) each
         if hidden_states is not None:
             hidden_states.append(x)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, kv_cache, i)  # (B, T, E)
+            x = block(x, cos, sin, start, kv_cache, i)  # (B, T, E)
             if hidden_states is not None:
                 hidden_states.append(x)
         return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+    def rope_tables(self) -> tuple[engine.Tensor, engine.Tensor]:
+        """cos, sin (context_length, head_dim / 2) float32 on the active backend, made once per backend:
+        a KV-cache step reads its rows by position offset, with no trigonometry or host copy per step."""
+        backend = engine.get_backend().name
+        if self._rope_tables is None or self._rope_tables[0] != backend:
+            positions = np.arange(self.config.context_length, dtype=np.float64)
+            angles = positions[:, None] * self.inv_freq[None]  # (context_length, D/2)
+            cos = engine.tensor(np.cos(angles), dtype="float32")
+            self._rope_tables = (backend, cos, engine.tensor(np.sin(angles), dtype="float32"))
+        return self._rope_tables[1], self._rope_tables[2]
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(len(self.layers))
