@@ -22,7 +22,7 @@ setup(
         "gpu": GPU,  # the triton backend, the kernel benches
         "ddp": ["torch>=2.4"],  # torch.distributed under torchrun
         "tensorboard": ["tensorboard>=2.14", "torch>=2.4"],  # model.train --tensorboard
-        "test": GPU + ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.56"],
+        "test": GPU + ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.56", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["scratchgpt = model.cli:main"]},
 )
