@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.amp import autocast_dtype
 from engine.backends import get_backend
-from engine.tensor import Function, Tensor, as_tensor, is_grad_enabled
+from engine.tensor import Function, ScatteredGrad, Tensor, as_tensor, is_grad_enabled
 
 
 class _Linear(Function):
@@ -64,10 +64,8 @@ class _Embedding(Function):
         return weight[ids]  # (..., D)
 
     def backward(self, g):
-        backend = get_backend()
         dim = g.shape[-1]
-        dw = backend.index_add((self.num, dim), self.ids.reshape(-1), g.reshape((-1, dim)))
-        return dw, None
+        return ScatteredGrad((self.num, dim), self.ids.reshape(-1), g.reshape((-1, dim))), None
 
 
 def embedding(ids: Any, weight: Tensor) -> Tensor:

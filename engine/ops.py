@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends import get_backend
-from engine.tensor import Function, unbroadcast
+from engine.tensor import Function, ScatteredGrad, unbroadcast
 
 
 def _broadcast_shape(op: str, a: Any, b: Any) -> tuple[int, ...]:
@@ -288,7 +288,7 @@ class GetItem(Function):
             raise IndexError(f"getitem: index {index!r} is invalid for shape {tuple(a.shape)}: {e}") from None
 
     def backward(self, g):
-        return (get_backend().index_add(self.in_shape, self.index, g),)
+        return (ScatteredGrad(self.in_shape, self.index, g),)
 
 
 class Concatenate(Function):

@@ -143,7 +143,7 @@ def grad_norm(params: Iterable[Tensor]) -> float:
     """The global L2 norm of the gradients of `params` (0.0 when none has one; inf or NaN when one
     holds such values)."""
     backend = get_backend()
-    return math.sqrt(sum(float(backend.sum(p.grad * p.grad)) for p in params if p.grad is not None))
+    return math.sqrt(sum(backend.squared_norm(p.grad) for p in params if p.grad is not None))
 
 
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:

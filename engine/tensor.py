@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Any, Callable, Sequence
 
 from engine.backends import get_backend
@@ -81,6 +82,102 @@ def unbroadcast(grad: Any, shape: Sequence[int]) -> Any:
     if axes:
         grad = backend.sum(grad, axis=axes, keepdims=True)
     return grad.reshape(shape)
+
+
+class ScatteredGrad:
+    """A gradient that is zero but at ``index``: ``values`` placed into an array of ``shape``
+    (summed where an index repeats). Indexing and embedding backward return one, so the
+    backward pass adds it into the gradient it meets instead of first building a mostly
+    zero array (the (vocab, dim) embedding gradient, the q/k/v slices of one projection)."""
+
+    __slots__ = ("shape", "index", "values")
+
+    def __init__(self, shape: Sequence[int], index: Any, values: Any) -> None:
+        self.shape, self.index, self.values = tuple(shape), index, values
+
+    @property
+    def dtype(self) -> Any:
+        return self.values.dtype
+
+    def dense(self) -> Any:
+        backend = get_backend()
+        out = backend.zeros(self.shape, self.values.dtype)
+        backend.index_add_(out, self.index, self.values)
+        return out
+
+
+class _GradSlots:
+    """The gradients flowing back during one backward pass, one slot per tensor, summed
+    where a tensor feeds several ops.
+
+    A sum goes in place into the slot's array when the pass alone can see that array
+    (``owns``): not the caller's, not a view, not something a view or a ScatteredGrad was
+    taken from, not held in another slot. Arrays are known by id, checked against a weak
+    reference (or counted only while a slot holds them), so a freed array's id reused by a
+    new array is not mistaken for the old one."""
+
+    def __init__(self, backend: Any, root: int, grad: Any) -> None:
+        self.backend = backend
+        self.slots: dict[int, Any] = {root: grad}
+        self.holders: dict[int, int] = {id(grad): 1}  # id(array) -> slots holding it
+        self.seen_elsewhere: dict[int, weakref.ref] = {}  # the caller's array, bases of views, scattered values
+        self._mark(grad)
+
+    def _mark(self, a: Any) -> None:
+        try:
+            self.seen_elsewhere[id(a)] = weakref.ref(a)
+        except TypeError:  # not an array (e.g. the bytes an array was read from): never in a slot
+            pass
+
+    def owns(self, a: Any) -> bool:
+        seen = self.seen_elsewhere.get(id(a))
+        return (self.holders.get(id(a), 0) == 0 and (seen is None or seen() is not a)
+                and self.backend.view_base(a) is None)
+
+    def _enter(self, a: Any) -> None:
+        if isinstance(a, ScatteredGrad):
+            a = a.values  # read later, so it must not change: as if seen elsewhere
+            self._mark(a)
+        else:
+            self.holders[id(a)] = self.holders.get(id(a), 0) + 1
+        base = self.backend.view_base(a)
+        if base is not None:
+            self._mark(base)
+
+    def _leave(self, a: Any) -> None:
+        if not isinstance(a, ScatteredGrad):
+            left = self.holders[id(a)] - 1
+            if left:
+                self.holders[id(a)] = left
+            else:
+                del self.holders[id(a)]
+
+    def pop(self, key: int) -> Any:
+        """The slot's gradient (a full array), or None; the slot is emptied."""
+        g = self.slots.pop(key, None)
+        if g is None:
+            return None
+        self._leave(g)
+        return g.dense() if isinstance(g, ScatteredGrad) else g
+
+    def add(self, key: int, g: Any) -> None:
+        self._enter(g)
+        acc = self.slots.get(key)
+        if acc is None:
+            self.slots[key] = g
+            return
+        self._leave(acc)
+        if isinstance(acc, ScatteredGrad):
+            acc = acc.dense()
+        elif not self.owns(acc):
+            acc = self.backend.copy(acc)
+        if isinstance(g, ScatteredGrad):
+            self.backend.index_add_(acc, g.index, g.values)
+        else:
+            self.backend.add_(acc, g)
+        self._leave(g)
+        self.slots[key] = acc
+        self._enter(acc)
 
 
 class Tensor:
@@ -175,19 +272,15 @@ class Tensor:
             if tuple(grad.shape) != self.shape:
                 raise ValueError(f"backward(): grad has shape {tuple(grad.shape)}, expected {self.shape}")
 
-        grads: dict[int, Any] = {id(self): grad}
-        # How often each gradient array was handed on (the caller's `grad` counts as shared).
-        handed: dict[int, int] = {id(grad): 2}
+        slots = _GradSlots(backend, id(self), grad)
         for node in reversed(_topological_order(self)):
-            g = grads.pop(id(node), None)
+            g = slots.pop(id(node))
             fn = node._fn
             if fn is None:  # a leaf
                 if g is not None and node.grad is None:
-                    # NOTE: optimizers and clipping update .grad in place, so a leaf may keep g
-                    # itself only if nothing else can see it: not handed to another input too
-                    # (Add gives both inputs the same array), not a view, not the caller's.
-                    shared = handed.get(id(g), 0) > 1 or backend.is_view(g)
-                    node.grad = backend.copy(g) if shared else g
+                    # NOTE: optimizers and clipping update .grad in place, so a leaf keeps g
+                    # itself only if nothing else can see it (see _GradSlots.owns).
+                    node.grad = g if slots.owns(g) else backend.copy(g)
                 elif g is not None:
                     node.grad = node.grad + g
                 continue
@@ -205,16 +298,14 @@ class Tensor:
             for parent, pg in zip(fn.parents, input_grads):
                 if pg is None or not parent.requires_grad:
                     continue
-                if pg.dtype != parent.dtype:  # mixed precision: grads match their tensor's dtype
-                    pg = backend.astype(pg, parent.dtype)
                 if tuple(pg.shape) != parent.shape:
                     raise RuntimeError(
                         f"internal error: {type(fn).__name__}.backward gave a gradient of shape "
                         f"{tuple(pg.shape)} for an input of shape {parent.shape}"
                     )
-                key = id(parent)
-                handed[id(pg)] = handed.get(id(pg), 0) + 1
-                grads[key] = pg if key not in grads else grads[key] + pg
+                if pg.dtype != parent.dtype:  # mixed precision: grads match their tensor's dtype
+                    pg = backend.astype(pg.dense() if isinstance(pg, ScatteredGrad) else pg, parent.dtype)
+                slots.add(id(parent), pg)
 
     def zero_grad(self) -> None:
         self.grad = None

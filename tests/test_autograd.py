@@ -142,3 +142,55 @@ def test_leaf_grads_never_alias_each_other_or_the_callers_array():
     c.reshape(2).backward(np.array([5.0, 6.0], dtype=np.float32))  # a view of the caller's array
     c.grad *= 0
     assert c.grad.base is None
+
+
+def test_sums_in_place_never_change_an_array_seen_elsewhere():
+    # x feeds a view path (reshape), the same array twice (x + x), slices and itself: the pass
+    # sums these in place only into arrays it alone holds, so every result is the plain sum.
+    rng = np.random.default_rng(0)
+    x = engine.tensor(rng.standard_normal((4, 3)), requires_grad=True, dtype="float64")
+    upstream = rng.standard_normal((4, 3))
+    kept = upstream.copy()
+    y = x + x + x.reshape(3, 4).reshape(4, 3) * 2 + x * 3
+    z = engine.concatenate([x[:2], x[2:]], axis=0)
+    (y + z).backward(upstream)
+    np.testing.assert_allclose(x.grad, upstream * (1 + 1 + 2 + 3 + 1))
+    np.testing.assert_array_equal(upstream, kept)
+
+
+def test_slices_and_embedding_rows_add_into_the_gradient_they_meet():
+    # the q/k/v split of one projection and a tied embedding + output head: their scattered
+    # gradients are summed into the other uses exactly as dense arrays would be
+    rng = np.random.default_rng(1)
+    w = engine.tensor(rng.standard_normal((7, 4)), requires_grad=True, dtype="float64")
+    ids = np.array([[3, 1, 3], [6, 3, 0]])
+    h = F.embedding(ids, w)  # (2, 3, 4)
+    qkv = h.reshape(2, 3, 2, 2)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]  # (2, 3, 2) each
+    logits = F.linear((q * k).sum(axis=-1, keepdims=True) * h, w)  # (2, 3, 7), w used again
+    upstream = rng.standard_normal((2, 3, 7))
+    logits.backward(upstream)
+
+    wd = w.data
+    hd = wd[ids]
+    qd, kd = hd[..., :2], hd[..., 2:]
+    s = (qd * kd).sum(-1, keepdims=True)
+    u = s * hd
+    dw = np.einsum("btv,btd->vd", upstream, u)  # the head's use of w
+    du = upstream @ wd
+    dh = du * s
+    ds = (du * hd).sum(-1, keepdims=True)
+    dh = dh + np.concatenate([ds * kd, ds * qd], axis=-1)
+    np.add.at(dw, ids.reshape(-1), dh.reshape(-1, 4))  # repeated id 3 sums its rows
+    np.testing.assert_allclose(w.grad, dw, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(0,), (5,), (3, 70000), (1000, 33)])
+def test_squared_norm_is_the_float64_sum_of_squares(shape):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal(shape).astype(np.float32) * 1e3
+    expected = float(np.sum(a.astype(np.float64) ** 2))
+    backend = engine.get_backend()
+    np.testing.assert_allclose(backend.squared_norm(a), expected, rtol=1e-6)
+    if a.ndim == 2:  # a transposed (non-contiguous) array too
+        np.testing.assert_allclose(backend.squared_norm(a.T), expected, rtol=1e-6)

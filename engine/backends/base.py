@@ -87,7 +87,10 @@ class Backend(ABC):
     @abstractmethod
     def copy(self, a: Array) -> Array: ...
     @abstractmethod
-    def is_view(self, a: Array) -> bool: ...
+    def view_base(self, a: Array) -> Any:
+        """The array whose memory ``a`` is a view of (or that ``a`` was broadcast from), ``a`` itself
+        when it is read-only; None when ``a`` owns writable memory, so that an in-place update of
+        it changes no other array."""
 
     # --- randomness (one generator per backend, seeded by engine.manual_seed) ---
     @abstractmethod
@@ -129,7 +132,14 @@ class Backend(ABC):
     @abstractmethod
     def index(self, index: Any) -> Any: ...
     @abstractmethod
-    def index_add(self, shape: Sequence[int], index: Any, values: Array) -> Array: ...
+    def index_add_(self, out: Array, index: Any, values: Array) -> None:
+        """``out[index] += values`` in place, summing values whose index repeats."""
+    @abstractmethod
+    def add_(self, out: Array, a: Array) -> None:
+        """``out += a`` in place (same shape)."""
+    @abstractmethod
+    def squared_norm(self, a: Array) -> float:
+        """The sum of the squares of ``a``'s elements, without a temporary of ``a``'s size."""
 
     # --- fused optimizer update, in place on p, m, v ---
     @abstractmethod

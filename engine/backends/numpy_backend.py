@@ -95,8 +95,8 @@ class NumpyBackend(Backend):
     def copy(self, a: Array) -> np.ndarray:
         return a.copy()
 
-    def is_view(self, a: Array) -> bool:
-        return a.base is not None or not a.flags.writeable
+    def view_base(self, a: Array) -> Any:
+        return a.base if a.base is not None or a.flags.writeable else a
 
     # --- randomness ---
     def manual_seed(self, seed: int) -> None:
@@ -146,16 +146,26 @@ class NumpyBackend(Backend):
     def index(self, index: Any) -> Any:
         return index
 
-    def index_add(self, shape: Sequence[int], index: Any, values: Array) -> np.ndarray:
-        out = np.zeros(shape, dtype=values.dtype)
-        if isinstance(index, np.ndarray) and index.dtype.kind in "iu" and index.ndim == 1 and len(shape) == 2:
+    def index_add_(self, out: np.ndarray, index: Any, values: Array) -> None:
+        if isinstance(index, np.ndarray) and index.dtype.kind in "iu" and index.ndim == 1 and out.ndim == 2:
             # rows picked by ids (embedding backward): sum the rows of each id with one
             # sort + reduceat instead of np.add.at's element-by-element loop
             order = np.argsort(index, kind="stable")
             ids = index[order]
             starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-            out[ids[starts]] = np.add.reduceat(values[order], starts, axis=0)
-            return out
+            out[ids[starts]] += np.add.reduceat(values[order], starts, axis=0)  # each id once: no repeats
+            return
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, (np.ndarray, list)) for i in parts):
+            np.add.at(out, index, values)  # advanced indexing: repeated indices accumulate
+        else:
+            out[index] += values  # basic indexing picks each position at most once
+
+    def add_(self, out: np.ndarray, a: Array) -> None:
+        numpy_fused.add_(out, a)
+
+    def squared_norm(self, a: Array) -> float:
+        return numpy_fused.squared_norm(a)
         parts = index if isinstance(index, tuple) else (index,)
         if any(isinstance(i, (np.ndarray, list)) for i in parts):
             np.add.at(out, index, values)  # advanced indexing: repeated indices accumulate

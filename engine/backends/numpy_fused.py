@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.backends.numpy_threads import chunks, parallel_ranges
+from engine.backends.numpy_threads import chunks, one_blas_thread, parallel_ranges
 from kernels import gelu_ref, layernorm_ref, rmsnorm_ref, swiglu_ref
 
 CHUNK = 16384  # elements per piece: 64 KiB of float32 per temporary, below malloc's mmap threshold
@@ -78,6 +78,34 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2_s
             _adamw_piece(p1[lo:hi], g1[lo:hi], m1[lo:hi], v1[lo:hi], tmp[: hi - lo], *hyper)
 
     parallel_ranges(p1.size, body, min_per_thread=CHUNK)
+
+
+# --- gradient accumulation and norm ---
+def add_(out, a) -> None:
+    """out += a in place (same shape), both cores on large contiguous arrays."""
+    if not (out.flags.c_contiguous and a.flags.c_contiguous):
+        np.add(out, a, out=out)
+        return
+    out1, a1 = out.reshape(-1), a.reshape(-1)
+
+    def body(lo, hi):
+        np.add(out1[lo:hi], a1[lo:hi], out=out1[lo:hi])
+
+    _over_elements(out1.size, body)
+
+
+def squared_norm(a) -> float:
+    """sum(a²) as a Python float: a BLAS dot per chunk (no temporary of a's size), the chunks'
+    sums added in float64."""
+    a1 = np.ascontiguousarray(a).reshape(-1)
+    sums: dict[int, float] = {}  # first element of a thread's part -> its sum
+
+    def part(start, stop):
+        sums[start] = sum(float(np.dot(a1[lo:hi], a1[lo:hi])) for lo, hi in chunks(start, stop, CHUNK))
+
+    with one_blas_thread():  # the chunks are split among our threads already
+        parallel_ranges(a1.size, part, min_per_thread=CHUNK)
+    return sum(sums[start] for start in sorted(sums))  # a fixed order: the same bits every run
 
 
 # --- GELU ---

@@ -119,8 +119,8 @@ class TritonBackend(Backend):
     def copy(self, a: Array) -> torch.Tensor:
         return a.clone(memory_format=torch.contiguous_format)
 
-    def is_view(self, a: Array) -> bool:
-        return a._base is not None
+    def view_base(self, a: Array) -> Any:
+        return a._base
 
     # --- randomness ---
     def manual_seed(self, seed: int) -> None:
@@ -184,16 +184,21 @@ class TritonBackend(Backend):
             return index.to(self.device)
         return index
 
-    def index_add(self, shape: Sequence[int], index: Any, values: Array) -> torch.Tensor:
-        out = torch.zeros(tuple(shape), dtype=values.dtype, device=self.device)
+    def index_add_(self, out: torch.Tensor, index: Any, values: Array) -> None:
         parts = index if isinstance(index, tuple) else (index,)
         if not any(isinstance(i, torch.Tensor) for i in parts):
-            out[index] = values  # basic indexing: every position at most once
+            out[index] += values  # basic indexing: every position at most once
         elif isinstance(index, torch.Tensor) and index.dtype != torch.bool:
             # rows picked by one integer tensor (embedding backward): accumulate rows
-            out.index_add_(0, index.reshape(-1), values.reshape((-1,) + tuple(shape[1:])))
+            out.index_add_(0, index.reshape(-1), values.reshape((-1,) + tuple(out.shape[1:])))
         else:
             # general advanced indexing: map every picked element to its flat position
             positions = torch.arange(out.numel(), device=self.device).reshape(out.shape)[index]
             out.view(-1).index_add_(0, positions.reshape(-1), values.reshape(-1))
-        return out
+
+    def add_(self, out: torch.Tensor, a: Array) -> None:
+        out.add_(a)
+
+    def squared_norm(self, a: Array) -> float:
+        wide = a if a.dtype == torch.float64 else a.float()  # bf16/fp16 squares would overflow or round
+        return float(torch.linalg.vector_norm(wide)) ** 2
