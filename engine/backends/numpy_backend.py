@@ -166,12 +166,6 @@ class NumpyBackend(Backend):
 
     def squared_norm(self, a: Array) -> float:
         return numpy_fused.squared_norm(a)
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(i, (np.ndarray, list)) for i in parts):
-            np.add.at(out, index, values)  # advanced indexing: repeated indices accumulate
-        else:
-            out[index] = values  # basic indexing picks each position at most once
-        return out
 
     # in place, in cache-sized chunks on the backend's threads (same bits as one pass)
     adamw_update = staticmethod(numpy_fused.adamw_update)
