@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from model.data.datadir import DataFileNotFoundError, add_data_dir_argument
+from model.decoder.config import DecoderConfig
+from model.decoder.hf import export_hf_folder
 from model.training.cli import command_parser
 from model.weights.checkpoint import (
     CheckpointError,
@@ -22,8 +24,6 @@ from model.weights.checkpoint import (
     resolve_checkpoint,
     save_weights_only,
 )
-from model.decoder.config import DecoderConfig
-from model.decoder.hf import export_hf_folder
 from model.weights.hf import export_hf, export_hf_tokenizer
 from model.weights.start import load_start_tokenizer
 
