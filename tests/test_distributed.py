@@ -188,3 +188,22 @@ def test_instruct_under_torchrun_equals_one_process_with_the_global_batch(tmp_pa
         np.testing.assert_allclose(h2[key], h1[key], rtol=0, atol=1e-5, err_msg=key)  # float32 sums
     responses = json.loads((tmp_path / "ddp" / "instruction-data-with-response.json").read_text())
     assert len(responses) == 2 and all("model_response" in r for r in responses)  # rank 0 answered
+
+
+def test_instruct_on_a_llama_folder_under_torchrun_equals_one_process(decoder_folders, tmp_path):
+    """The same on a Llama 3 (tied head, grouped-query attention): its tokenizer, its eos padding.
+    NOTE: the tiny tokenizer makes the two validation prompts longer than 128 tokens, so --mask-prompt
+    leaves them no target: both runs must then report 0, not 0 / 0."""
+    common = ["--hf-dir", str(decoder_folders["llama"]), "--data-file", str(decoder_folders["instructions"]),
+              "--max-steps", "2", "--eval-interval", "2", "--eval-iters", "1", "--mask-prompt", "--max-length", "128",
+              "--max-test-entries", "1", "--max-new-tokens", "2", "--no-progress", "--no-sample", "--backend", "numpy"]
+    single = subprocess.run([sys.executable, "-m", "model.instruct", *common, "--batch-size", "4",
+                             "--out-dir", str(tmp_path / "single")], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    _torchrun("model.instruct", [*common, "--batch-size", "2", "--out-dir", str(tmp_path / "ddp")])
+    h1 = json.loads((tmp_path / "single" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    assert len(h1["step_loss"]) == 2 and h1["step_loss"][1] != h1["step_loss"][0]
+    for key in ("step_loss", "train_loss", "val_loss"):
+        np.testing.assert_allclose(h2[key], h1[key], rtol=0, atol=1e-5, err_msg=key)  # float32 sums
