@@ -9,7 +9,7 @@ A checkpoint at ``PATH`` is ``PATH.safetensors``:
   text with the format version, config, step, optimizer scalars (step count, lr), the
   trainer's ``extra`` dict (RNG state, data position, …) and which names are tied. A Llama /
   Qwen3 model (model.decoder) adds ``"family": "decoder"`` and its `DecoderConfig`; a GPT-2
-  checkpoint has no family entry, so its bytes are what they always were.
+  checkpoint has no family entry: its metadata and tensors are written exactly as before.
 
 Weights and metadata are one file, written by `atomic_write` (temp file, fsync, rename),
 so a process killed at any instant leaves the previous checkpoint or the new one, never a
