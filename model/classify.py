@@ -12,6 +12,10 @@ and under ``extra.classifier`` the head, max_length, pad id and class names; a L
 merged first and its adapters also go to ``lora.*``), ``loss.png``, ``accuracy.png``,
 ``history.json``. ``python -m model.classify predict "TEXT" --checkpoint PATH`` prints
 ``spam`` or ``not spam`` with its probability.
+
+``--hf-dir`` also takes a Llama 3 / Qwen3 folder: the messages are its tokenizer's ids padded
+with its eos_token, the head reads the final RMSNorm's last position, "last block" is the last
+decoder layer, and the folder's tokenizer files go to the run directory for ``predict``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import engine
 from model.data.datadir import add_data_dir_argument
-from model.data.spam import CLASS_NAMES, PAD_TOKEN_ID, SpamDataError, TruncationWarning, create_spam_loaders
+from model.data.spam import CLASS_NAMES, SpamDataError, TruncationWarning, create_spam_loaders
 from model.lora import apply_lora, count_trainable
 from model.tasks.classification import (
     GPTClassifier,
@@ -36,7 +40,6 @@ from model.tasks.classification import (
     plot_classifier_history,
     record_accuracy,
 )
-from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training import run
 from model.training.cli import (
     HelpFormatter,
@@ -47,6 +50,7 @@ from model.training.cli import (
 )
 from model.training.loop import TrainState
 from model.weights.checkpoint import CheckpointError
+from model.weights.start import load_start_tokenizer
 
 RECIPE = Recipe(out_dir="runs/classify", epochs=5, batch_size=8, lr=5e-5, eval_interval=50, drop_rate=0.0,
                 start="random initialisation of the tiny preset", preset="tiny")
@@ -82,11 +86,12 @@ def predict_main(argv: list[str]) -> int:
         engine.set_backend(args.backend)
     try:
         model, info = load_classifier(args.checkpoint)
+        tokenizer = load_start_tokenizer(model.config, checkpoint=args.checkpoint, data_dir=args.data_dir).tokenizer
     except CheckpointError as err:
         p.error(str(err))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
-        label, prob = classify_text(model, gpt2_tokenizer(args.data_dir), args.text, int(info["max_length"]),
+        label, prob = classify_text(model, tokenizer, args.text, int(info["max_length"]),
                                     int(info["pad_token_id"]), tuple(info["class_names"]))
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
@@ -118,19 +123,21 @@ def _train(ctx: run.RunContext) -> int:
         mode = "all parameters" if args.train_all else "last block + final LayerNorm + head"
         freeze_for_finetuning(model, "all" if args.train_all else "last-block")
     trainable, total = count_trainable(model)
+    tokens = run.start_tokenizer(ctx, gpt)
     try:
-        data = create_spam_loaders(gpt2_tokenizer(args.data_dir), gpt.config.context_length, args.max_length,
-                                   args.batch_size * ctx.world_size, seed=args.seed, data_dir=args.data_dir)
+        data = create_spam_loaders(tokens.tokenizer, gpt.config.context_length, args.max_length,
+                                   args.batch_size * ctx.world_size, seed=args.seed, data_dir=args.data_dir,
+                                   pad_token_id=tokens.eos_id)
     except (ValueError, FileNotFoundError) as err:  # a bad --max-length, a missing or malformed data file
         ctx.error(str(err))
     ctx.check_same_config()
     ctx.print(f"SMS spam: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test messages of "
-              f"{data.max_length} tokens (padded with {PAD_TOKEN_ID}); {len(data.train_loader)} batches per epoch")
+              f"{data.max_length} tokens (padded with {tokens.eos_id}); {len(data.train_loader)} batches per epoch")
     if data.truncation_note():
         ctx.print(data.truncation_note())
     ctx.print(f"model: {source}; training {mode}: {trainable:,} of {total:,} parameters")
     info = {"num_classes": len(CLASS_NAMES), "class_names": list(CLASS_NAMES), "max_length": data.max_length,
-            "pad_token_id": PAD_TOKEN_ID, "pooling": "last token", "source": source, "trained": mode}
+            "pad_token_id": tokens.eos_id, "pooling": "last token", "source": source, "trained": mode}
 
     examples_per_step = args.batch_size * ctx.world_size * args.grad_accum
 

@@ -26,8 +26,8 @@ from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training.cli import add_backend_argument, check_args, command_parser
 from model.weights.checkpoint import CheckpointError
 from model.weights.hf import HF_MODELS, HFDownloadError
-from model.weights.inference import InferenceModel, gpt2_inference, load_for_inference, load_hf_for_inference
-from model.weights.start import load_start_model
+from model.weights.inference import InferenceModel, load_for_inference, load_hf_for_inference, prompt_inference
+from model.weights.start import gpt2_start_tokenizer, load_start_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +82,7 @@ def load_inference_model(args: argparse.Namespace) -> InferenceModel:
     if args.hf_dir:
         return load_hf_for_inference(Path(args.hf_dir), args.data_dir)
     source = f"Hugging Face {args.hf_model}" if args.hf_model else f"random {args.preset}"
-    return gpt2_inference(load_model(args), gpt2_tokenizer(args.data_dir), None, source)
+    return prompt_inference(load_model(args), gpt2_start_tokenizer(gpt2_tokenizer(args.data_dir)), None, source)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -162,15 +162,21 @@ class GPTModel(nn.Module):
         x = self.drop(self.wte(ids) + self.wpe(positions))  # (B, T, E)
         for i, block in enumerate(self.h):
             x = block(x, kv_cache, i)  # (B, T, E)
-        x = self.ln_f(x)  # (B, T, E)
-        if targets is None:
-            return self.lm_head(x)  # (B, T, vocab)
-        if type(self.lm_head) is nn.Linear:
-            return F.linear_cross_entropy(x, self.lm_head.weight, targets, bias=self.lm_head.bias)
-        return F.cross_entropy(self.lm_head(x), targets)
+        return head_or_loss(self.lm_head, self.ln_f(x), targets)
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(len(self.h))
+
+
+def head_or_loss(lm_head: nn.Module, x: engine.Tensor, targets: Any = None) -> engine.Tensor:
+    """Logits ``lm_head(x)`` (B, T, vocab) of the final hidden states x (B, T, E); with
+    ``targets`` (B, T), their mean cross-entropy instead (targets -100 skipped), through
+    ``F.linear_cross_entropy`` (no (B, T, vocab) logits held) while the head is a plain Linear."""
+    if targets is None:
+        return lm_head(x)  # (B, T, vocab)
+    if type(lm_head) is nn.Linear:
+        return F.linear_cross_entropy(x, lm_head.weight, targets, bias=lm_head.bias)
+    return F.cross_entropy(lm_head(x), targets)
 
 
 def model_from_state_dict(config: GPTConfig, state: dict[str, Any]) -> GPTModel:

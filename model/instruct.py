@@ -13,6 +13,11 @@ template that chat and generate apply; a plain GPTModel; LoRA weights are merged
 ``scores.json`` (exact match, token F1, ROUGE-L; ``--judge`` adds an Ollama LLM judge).
 ``--evaluate FILE`` only scores an existing responses file.
 
+``--hf-dir`` also takes a Llama 3 / Qwen3 folder: its tokenizer encodes the data, its
+eos_token ends and pads each example, ``--lora-rank`` adapts every Linear of the blocks
+(q/k/v/o_proj, gate/up/down_proj), and the run directory gets the folder's tokenizer files,
+so chat, generate and ``export --to hf`` take it as they take a GPT-2 run.
+
 Under DDP a step equals the one-process step with the global batch: each shard's token
 mean is weighted by its share of the batch's target tokens (`Distributed.sharded_loss`).
 """
@@ -29,10 +34,9 @@ from typing import Any
 from model.data.files import write_json_atomic
 from model.data.instructions import InstructionDataError, format_input
 from model.gpt import count_parameters
-from model.lora import apply_gpt_lora
+from model.lora import apply_block_lora
 from model.tasks.instruction import RESPONSES_FILE, generate_responses, load_instruction_run
 from model.tasks.scoring import JudgeError, add_judge_arguments, require_judge, score_entries, score_file
-from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training import run
 from model.training.cli import Recipe, add_training_command_arguments, check_args, command_parser
 from model.training.loop import calc_loss_batch
@@ -90,14 +94,15 @@ def _fine_tune(ctx: run.RunContext) -> int:
     max_length = args.max_length or model.config.context_length
     if max_length > model.config.context_length:
         ctx.error(f"--max-length {max_length} exceeds the model's context length {model.config.context_length}")
-    tokenizer = gpt2_tokenizer(args.data_dir)
+    tokens = run.start_tokenizer(ctx, model)
+    tokenizer = tokens.tokenizer
     data = load_instruction_run(tokenizer, args.batch_size * ctx.world_size, max_length, mask_prompt=args.mask_prompt,
                                 seed=args.seed, data_file=args.data_file, data_dir=args.data_dir,
-                                max_test_entries=args.max_test_entries)
+                                max_test_entries=args.max_test_entries, pad_token_id=tokens.eos_id)
     for line in data.summary(max_length, args.mask_prompt):
         ctx.print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
     if args.lora_rank:
-        ctx.print(apply_gpt_lora(model, args.lora_rank, args.lora_alpha))
+        ctx.print(apply_block_lora(model, args.lora_rank, args.lora_alpha))
     optimizer = run.make_optimizer(model, args)
     state = run.resumed_state(ctx, model, optimizer)
     trainable = sum(p.size for p in model.parameters() if p.requires_grad)
@@ -123,7 +128,7 @@ def _fine_tune(ctx: run.RunContext) -> int:
               f"val loss {history['val_loss'][-1]:.3f}; checkpoint {ckpt}" + (f", loss plot {plot}" if plot else ""))
 
     start = time.perf_counter()
-    responses = generate_responses(model, tokenizer, data.test_data, args.max_new_tokens, ctx.progress)
+    responses = generate_responses(model, tokenizer, data.test_data, args.max_new_tokens, ctx.progress, tokens.eos_id)
     responses_path = write_json_atomic(ctx.out_dir / RESPONSES_FILE, responses)
     print(f"{len(responses)} test responses in {time.perf_counter() - start:.1f} s -> {responses_path}")
     scored = score_entries(responses, **_judge(args))

@@ -41,9 +41,11 @@ import engine
 from engine import functional as F
 from engine import nn
 from model.data.files import atomic_write
+from model.decoder.model import DecoderModel
 from model.weights.checkpoint import checkpoint_paths
 
 FORMAT = "scratchgpt-lora"
+DECODER_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VERSION = 1
 
 
@@ -287,10 +289,16 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRACounts:
     return counts
 
 
-def apply_gpt_lora(model: nn.Module, rank: int, alpha: float) -> LoRACounts:
-    """LoRA on every Linear of a GPTModel's blocks, and on the head unless it is tied to ``wte``.
+def apply_block_lora(model: nn.Module, rank: int, alpha: float) -> LoRACounts:
+    """LoRA on every Linear of the blocks, and on the head unless it is tied to the token
+    embedding: a GPTModel's c_attn, c_proj, c_fc; a DecoderModel's (Llama 3 / Qwen3) q/k/v/o_proj
+    and gate/up/down_proj, peft's "all linear" choice for them.
 
-    NOTE: merging a LoRA head tied to ``wte`` would untie it, and a checkpoint of a
+    NOTE: merging a LoRA head tied to the embedding would untie it, and a checkpoint of a
     tied config stores the two under one Parameter: the merged head would be lost."""
-    targets = ["c_attn", "c_proj", "c_fc"] + ([] if model.lm_head.weight is model.wte.weight else ["lm_head"])
+    if isinstance(model, DecoderModel):
+        targets, embedding = list(DECODER_BLOCK_LINEARS), model.embed_tokens
+    else:
+        targets, embedding = ["c_attn", "c_proj", "c_fc"], model.wte
+    targets += [] if model.lm_head.weight is embedding.weight else ["lm_head"]
     return apply_lora(model, rank=rank, alpha=alpha, targets=targets)

@@ -34,7 +34,7 @@ from model.data.datadir import data_file
 from model.data.token_files import TokenFileError, token_file_loaders
 from model.data.windows import create_dataloaders
 from model.gpt import count_parameters
-from model.lora import apply_gpt_lora
+from model.lora import apply_block_lora
 from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.training import run
 from model.training.cli import Recipe, add_training_command_arguments, command_parser
@@ -136,9 +136,9 @@ def _loaders(ctx: run.RunContext, context_length: int, tokenizer: Any) -> tuple[
 def _run(ctx: run.RunContext) -> int:
     args = ctx.args
     tokenizer = gpt2_tokenizer(args.data_dir)
-    model, source = run.start_model(ctx, RECIPE, qkv_bias=False, init=args.init)
+    model, source = run.start_model(ctx, RECIPE, allow_decoder=False, qkv_bias=False, init=args.init)
     if args.lora_rank:
-        ctx.print(apply_gpt_lora(model, args.lora_rank, args.lora_alpha))
+        ctx.print(apply_block_lora(model, args.lora_rank, args.lora_alpha))
     optimizer = run.make_optimizer(model, args)
     state = run.resumed_state(ctx, model, optimizer)
     config = model.config

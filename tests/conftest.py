@@ -61,3 +61,21 @@ def numpy_backend_by_default():
     engine.manual_seed(0)
     yield
     engine.set_backend("numpy")
+
+
+@pytest.fixture(scope="session")
+def decoder_folders(tmp_path_factory):
+    """Tiny random Llama 3 (tied head) and Qwen3 (untied) Hugging Face folders, written once per
+    session by transformers (tests that use them skip without it), and the first 40 entries of
+    instruction-data.json as a small instruction file ("instructions")."""
+    pytest.importorskip("transformers", reason="transformers writes the tiny folders (pip install -e .[test])")
+    import json
+
+    from model.data.datadir import data_file
+    from tests.fixtures.make_tiny_llama_qwen import make_tiny_folder
+
+    root = tmp_path_factory.mktemp("decoders")
+    folders = {kind: make_tiny_folder(kind, root / kind) for kind in ("llama", "qwen3")}
+    entries = json.loads(data_file("instruction-data.json").read_text())[:40]
+    (root / "instructions.json").write_text(json.dumps(entries))
+    return folders | {"instructions": root / "instructions.json"}

@@ -112,6 +112,23 @@ def test_gradients_match_transformers(folders, kind):
         assert_close(p.grad, g, 1e-5, 1e-4, f"{kind} grad of {name}")
 
 
+@pytest.mark.parametrize("kind", KINDS)  # llama's head is tied to embed_tokens, qwen3's is not
+def test_fused_loss_equals_the_cross_entropy_of_the_logits(folders, kind):
+    targets = np.roll(IDS, -1, axis=1)
+    targets[0, 30:] = -100  # padding the loss skips
+    results = []
+    for fused in (True, False):
+        model = load_hf_model(folders[kind])
+        loss = model(IDS, targets=targets) if fused else F.cross_entropy(model(IDS), targets)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (fused_loss, fused_grads), (loss, grads) = results
+    assert model.config.tie_weights == (kind == "llama")
+    assert fused_loss == pytest.approx(loss, abs=1e-5)
+    for name, grad in grads.items():
+        assert_close(fused_grads[name], grad, 1e-5, 1e-5, f"{kind} fused-loss grad of {name}")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_generation_matches_transformers_and_the_cache(folders, kind):
     import torch

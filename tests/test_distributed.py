@@ -170,12 +170,8 @@ def test_classify_under_torchrun_equals_one_process_with_the_global_batch(tmp_pa
     assert h2["final_accuracy"] == pytest.approx(h1["final_accuracy"], abs=1e-9)
 
 
-def test_instruct_under_torchrun_equals_one_process_with_the_global_batch(tmp_path):
-    """--mask-prompt and padding give the two shards of a global batch different numbers of target
-    tokens, so only a loss weighted by each shard's token share matches one process's token mean."""
-    common = ["--preset", "tiny", "--max-steps", "3", "--eval-interval", "2", "--eval-iters", "2", "--mask-prompt",
-              "--max-length", "48", "--max-test-entries", "2", "--max-new-tokens", "3", "--no-progress", "--no-sample",
-              "--backend", "numpy"]
+def instruct_alone_and_under_torchrun(tmp_path: Path, common: list[str]) -> tuple[dict, dict]:
+    """The histories of ``model.instruct`` with batch 4 in one process and batch 2 on each of two ranks."""
     single = subprocess.run([sys.executable, "-m", "model.instruct", *common, "--batch-size", "4",
                              "--out-dir", str(tmp_path / "single")], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -183,8 +179,29 @@ def test_instruct_under_torchrun_equals_one_process_with_the_global_batch(tmp_pa
     _torchrun("model.instruct", [*common, "--batch-size", "2", "--out-dir", str(tmp_path / "ddp")])
     h1 = json.loads((tmp_path / "single" / "history.json").read_text())
     h2 = json.loads((tmp_path / "ddp" / "history.json").read_text())
-    assert len(h1["step_loss"]) == 3 and len(h1["val_loss"]) == 2
     for key in ("step_loss", "train_loss", "val_loss"):
         np.testing.assert_allclose(h2[key], h1[key], rtol=0, atol=1e-5, err_msg=key)  # float32 sums
+    return h1, h2
+
+
+def test_instruct_under_torchrun_equals_one_process_with_the_global_batch(tmp_path):
+    """--mask-prompt and padding give the two shards of a global batch different numbers of target
+    tokens, so only a loss weighted by each shard's token share matches one process's token mean."""
+    common = ["--preset", "tiny", "--max-steps", "3", "--eval-interval", "2", "--eval-iters", "2", "--mask-prompt",
+              "--max-length", "48", "--max-test-entries", "2", "--max-new-tokens", "3", "--no-progress", "--no-sample",
+              "--backend", "numpy"]
+    h1, _ = instruct_alone_and_under_torchrun(tmp_path, common)
+    assert len(h1["step_loss"]) == 3 and len(h1["val_loss"]) == 2
     responses = json.loads((tmp_path / "ddp" / "instruction-data-with-response.json").read_text())
     assert len(responses) == 2 and all("model_response" in r for r in responses)  # rank 0 answered
+
+
+def test_instruct_on_a_llama_folder_under_torchrun_equals_one_process(decoder_folders, tmp_path):
+    """The same on a Llama 3 (tied head, grouped-query attention): its tokenizer, its eos padding.
+    NOTE: the tiny tokenizer makes the two validation prompts longer than 128 tokens, so --mask-prompt
+    leaves them no target: both runs must then report 0, not 0 / 0."""
+    common = ["--hf-dir", str(decoder_folders["llama"]), "--data-file", str(decoder_folders["instructions"]),
+              "--max-steps", "2", "--eval-interval", "2", "--eval-iters", "1", "--mask-prompt", "--max-length", "128",
+              "--max-test-entries", "1", "--max-new-tokens", "2", "--no-progress", "--no-sample", "--backend", "numpy"]
+    h1, _ = instruct_alone_and_under_torchrun(tmp_path, common)
+    assert len(h1["step_loss"]) == 2 and h1["step_loss"][1] != h1["step_loss"][0]

@@ -232,20 +232,22 @@ def create_spam_loaders(
     data_dir: str | os.PathLike | None = None,
     path: str | os.PathLike | None = None,
     split_seed: int = SPLIT_SEED,
+    pad_token_id: int = PAD_TOKEN_ID,
 ) -> SpamData:
     """The book's three loaders over the balanced, split SMS spam data.
 
     The training set is padded to its longest message, cut to ``max_length`` (default and
     upper bound: ``context_length``); validation and test take the training length.
     Training batches are shuffled (order seeded by ``seed``) with the last partial batch
-    dropped; validation and test are in order with every example."""
+    dropped; validation and test are in order with every example. ``pad_token_id``: the
+    tokenizer's end-of-text (GPT-2's by default)."""
     if max_length is not None and not 1 <= max_length <= context_length:
         raise ValueError(f"max_length must be in [1, {context_length}] (the context length), got {max_length}")
     messages = balance(read_sms_spam(path, data_dir), split_seed)
     train_msgs, val_msgs, test_msgs = random_split(messages, 0.7, 0.1, split_seed)
-    train = SpamDataset(train_msgs, tokenizer, max_length, context_length=context_length)
-    val = SpamDataset(val_msgs, tokenizer, train.max_length)
-    test = SpamDataset(test_msgs, tokenizer, train.max_length)
+    train = SpamDataset(train_msgs, tokenizer, max_length, context_length=context_length, pad_token_id=pad_token_id)
+    val = SpamDataset(val_msgs, tokenizer, train.max_length, pad_token_id=pad_token_id)
+    test = SpamDataset(test_msgs, tokenizer, train.max_length, pad_token_id=pad_token_id)
     return SpamData(
         train, val, test,
         DataLoader(train, batch_size, shuffle=True, drop_last=True, seed=seed),

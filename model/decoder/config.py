@@ -51,6 +51,21 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serialisable dict (rope_scaling nested)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecoderConfig:
+        """Inverse of `to_dict`. Unknown keys are an error (they would be silently lost)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"DecoderConfig.from_dict needs a dict, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"DecoderConfig.from_dict: unknown fields {', '.join(unknown)}")
+        scaling = data.get("rope_scaling")
+        return cls(**{**data, "rope_scaling": None if scaling is None else RopeScaling(**scaling)})
+
     def validate(self) -> None:
         """Raise ValueError naming every field that cannot build a model."""
         problems = []

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import engine
-from model.data.files import write_json_atomic
+from model.data.files import atomic_write, write_json_atomic
 from model.decoder.config import DecoderConfig, RopeScaling, estimate_memory, parameter_shapes
 from model.decoder.model import DecoderModel
 from model.decoder.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor, write_safetensors
@@ -230,8 +230,14 @@ def export_hf_folder(model: DecoderModel, directory: str | os.PathLike, dtype: s
     tensors = {_hf_name(n): p.numpy() for n, p in model.named_parameters()}
     write_safetensors(directory / "model.safetensors", tensors, dtype, metadata={"format": "pt"})
     write_json_atomic(directory / "config.json", {**config_to_hf(config), "torch_dtype": dtype})
-    for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
-        source = Path(tokenizer_dir) / name
-        if source.is_file() and source.resolve() != (directory / name).resolve():
-            shutil.copyfile(source, directory / name)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, directory)
     return directory
+
+
+def copy_tokenizer_files(source_dir: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Copy the tokenizer files of ``source_dir`` that exist into ``directory``, each atomically."""
+    for name in TOKENIZER_FILES:
+        source = Path(source_dir) / name
+        if source.is_file() and source.resolve() != (Path(directory) / name).resolve():
+            atomic_write(Path(directory) / name, lambda tmp, source=source: shutil.copyfile(source, tmp))

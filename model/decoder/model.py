@@ -23,7 +23,7 @@ import engine
 from engine import functional as F
 from engine import nn
 from model.decoder.config import DecoderConfig, RopeScaling
-from model.gpt import KVCache
+from model.gpt import KVCache, head_or_loss
 
 
 class RMSNorm(nn.Module):
@@ -146,9 +146,11 @@ class DecoderModel(nn.Module):
             if p.ndim == 2:
                 p.data = backend.randn(p.shape, "float32") * 0.02
 
-    def forward(self, ids: Any, kv_cache: KVCache | None = None,
+    def forward(self, ids: Any, kv_cache: KVCache | None = None, targets: Any = None,
                 hidden_states: list[engine.Tensor] | None = None) -> engine.Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T).
+        """Logits (B, T, vocab_size) for token ids (B, T); with ``targets`` (B, T), the mean
+        next-token cross-entropy instead (targets -100 skipped), fused with the head as in
+        `GPTModel` so the (B, T, vocab) logits are never held.
 
         With ``kv_cache``, ``ids`` are only the new tokens, at positions ``kv_cache.length …``.
         A ``hidden_states`` list receives the residual stream after the embedding and after
@@ -171,7 +173,7 @@ class DecoderModel(nn.Module):
             x = block(x, cos, sin, start, kv_cache, i)  # (B, T, E)
             if hidden_states is not None:
                 hidden_states.append(x)
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        return head_or_loss(self.lm_head, self.norm(x), targets)  # (B, T, vocab) logits, or the loss
 
     def rope_tables(self) -> tuple[engine.Tensor, engine.Tensor]:
         """cos, sin (context_length, head_dim / 2) float32 on the active backend, made once per backend:

@@ -73,10 +73,9 @@ def read_tensor(info: TensorInfo, dtype: Any = np.float32) -> np.ndarray:
     """The tensor converted to ``dtype`` (a new array; the file is only memory-mapped)."""
     raw = np.memmap(info.path, dtype=np.uint8, mode="r", offset=info.start, shape=(info.end - info.start,))
     if info.dtype == "BF16":
-        values = bf16_to_float32(raw.view("<u2"))
-    else:
-        values = raw.view(np.dtype(_NUMPY_DTYPES[info.dtype]).newbyteorder("<"))
-    return np.asarray(values, dtype=dtype).reshape(info.shape)
+        return np.asarray(bf16_to_float32(raw.view("<u2")), dtype=dtype).reshape(info.shape)  # already a new array
+    # NOTE: np.array copies: a view of the read-only map would make weights an optimizer cannot update.
+    return np.array(raw.view(np.dtype(_NUMPY_DTYPES[info.dtype]).newbyteorder("<")), dtype=dtype).reshape(info.shape)
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:

@@ -30,21 +30,22 @@ from model.tokenizers.bpe import ENDOFTEXT
 Message = dict[str, Any]
 
 
-def render_alpaca(messages: list[Message]) -> str:
+def render_alpaca(messages: list[Message], eos_text: str = ENDOFTEXT) -> str:
     """The book's instruction format, turn after turn: each user message is an instruction
-    followed by the response header; each reply ends with <|endoftext|>, as in training.
-    A system message has no place in this format and is left out."""
+    followed by the response header; each reply ends with the end-of-text token (GPT-2's
+    <|endoftext|>, a Llama / Qwen3 folder's eos_token), as in training. A system message has
+    no place in this format and is left out."""
     parts = []
     for m in messages:
         if m["role"] == "user":
             parts.append(f"{format_input({'instruction': m['content']})}\n\n{RESPONSE_HEADER}\n")
         elif m["role"] == "assistant":
-            parts.append(m["content"] + ENDOFTEXT)
+            parts.append(m["content"] + eos_text)
     return "".join(parts)
 
 
 # The templates a checkpoint may name in its metadata (``extra["prompt_template"]``).
-PROMPT_TEMPLATES: dict[str, Callable[[list[Message]], str]] = {"alpaca": render_alpaca}
+PROMPT_TEMPLATES: dict[str, Callable[[list[Message], str], str]] = {"alpaca": render_alpaca}
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,16 @@ class ChatFormat:
         return self.name != "plain"
 
 
-def gpt2_chat_format(template: str | None, encode_text: Callable[[str], list[int]], eos_id: int) -> ChatFormat:
-    """A GPT-2 tokenizer's format: the named prompt template, or plain continuation (None)."""
+def prompt_chat_format(template: str | None, encode_text: Callable[[str], list[int]], eos_id: int,
+                       eos_text: str = ENDOFTEXT) -> ChatFormat:
+    """The named prompt template, or plain continuation (None), for a tokenizer whose
+    end-of-text token is ``eos_text`` (id ``eos_id``)."""
     if template is None:
         return ChatFormat("plain", lambda messages: encode_text("".join(m["content"] for m in messages)), (eos_id,))
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}: this version knows {', '.join(PROMPT_TEMPLATES)}")
     render = PROMPT_TEMPLATES[template]
-    return ChatFormat(template, lambda messages: encode_text(render(messages)), (eos_id,))
+    return ChatFormat(template, lambda messages: encode_text(render(messages, eos_text)), (eos_id,))
 
 
 @dataclass

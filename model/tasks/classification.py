@@ -1,13 +1,15 @@
 """Spam classification with a GPT (the book's chapter 6): the model, its loss, accuracy and prediction.
 
-`GPTClassifier` is a GPT body with its language-model head swapped for a 2-class head; the
+`GPTClassifier` is a GPT body (GPT-2, or a Llama 3 / Qwen3 `DecoderModel`) with its
+language-model head swapped for a 2-class head; the
 class comes from the logits of the LAST token, the only position that has seen the whole
 (right-padded) message. A message with more tokens than the classifier's ``max_length`` is
 cut to its first ``max_length`` tokens, as in the book (`classify_text` warns with a
 `TruncationWarning`).
 
-Checkpoint parameter names: ``gpt.<GPT-2 name>`` for the body (``gpt.wte.weight``,
-``gpt.h.0.attn.c_attn.weight``, ...; its ``lm_head`` is an `Identity`) and
+Checkpoint parameter names: ``gpt.<body name>`` for the body (``gpt.wte.weight``,
+``gpt.h.0.attn.c_attn.weight``, ... or ``gpt.embed_tokens.weight``, ``gpt.layers.0.self_attn.q_proj.weight``,
+...; its ``lm_head`` is an `Identity`) and
 ``classifier.weight`` (2, emb_dim), ``classifier.bias`` (2,) for the head.
 """
 
@@ -22,11 +24,11 @@ import numpy as np
 import engine
 from engine import functional as F
 from engine import nn
-from model.config import GPTConfig
 from model.data.spam import CLASS_NAMES, PAD_TOKEN_ID, encode_message
+from model.decoder.model import DecoderModel
 from model.gpt import GPTModel
 from model.training.plot import plot_curves
-from model.weights.checkpoint import CheckpointError, load_checkpoint
+from model.weights.checkpoint import CheckpointError, ModelConfig, build_model, load_checkpoint
 
 
 class Identity(nn.Module):
@@ -37,16 +39,16 @@ class Identity(nn.Module):
 
 
 class GPTClassifier(nn.Module):
-    """GPT body (``gpt``, ending at ``ln_f``) plus a ``classifier`` head (emb_dim -> num_classes).
+    """GPT body (``gpt``, ending at its final norm) plus a ``classifier`` head (emb_dim -> num_classes).
 
     ``forward(ids (B, T))`` returns logits (B, T, num_classes) at every position, as the
     book's model does; classification uses the last one, ``[:, -1, :]``."""
 
-    def __init__(self, gpt: GPTModel, num_classes: int = 2):
+    def __init__(self, gpt: GPTModel | DecoderModel, num_classes: int = 2):
         super().__init__()
-        gpt.lm_head = Identity()  # (B, T, E) hidden states out of ln_f; frees the vocab-sized head
+        gpt.lm_head = Identity()  # (B, T, E) hidden states out of the final norm; frees the vocab-sized head
         self.gpt = gpt
-        self.config: GPTConfig = gpt.config
+        self.config: ModelConfig = gpt.config
         self.num_classes = num_classes
         self.classifier = nn.Linear(gpt.config.emb_dim, num_classes)
 
@@ -109,15 +111,17 @@ def classify_text(model: GPTClassifier, tokenizer: Any, text: str, max_length: i
 
 # --- building and loading models ---
 def freeze_for_finetuning(model: GPTClassifier, mode: str) -> None:
-    """``"last-block"``: only the last transformer block, ``ln_f`` and the head train (the
-    book); ``"all"``: everything trains."""
+    """``"last-block"``: only the last transformer block, the final norm and the head train
+    (the book); ``"all"``: everything trains."""
     if mode == "all":
         model.requires_grad_(True)
         return
     if mode != "last-block":
         raise ValueError(f"unknown fine-tuning mode {mode!r}: 'last-block' or 'all'")
     model.requires_grad_(False)
-    for module in (model.gpt.h[-1], model.gpt.ln_f, model.classifier):
+    body = model.gpt
+    last, norm = (body.layers[-1], body.norm) if isinstance(body, DecoderModel) else (body.h[-1], body.ln_f)
+    for module in (last, norm, model.classifier):
         module.requires_grad_(True)
 
 
@@ -133,7 +137,7 @@ def load_classifier(path: str | Path) -> tuple[GPTClassifier, dict[str, Any]]:
     backend = engine.get_backend()
     rng_state = backend.rng_state()
     try:
-        model = GPTClassifier(GPTModel(ckpt.config), int(info["num_classes"]))
+        model = GPTClassifier(build_model(ckpt.config), int(info["num_classes"]))
     finally:
         backend.set_rng_state(rng_state)
     if ckpt.state_dict["classifier.weight"].dtype == np.float64:

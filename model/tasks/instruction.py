@@ -3,6 +3,7 @@
 `InstructionData` splits instruction-data.json 85/10/5 (train/test/val) and batches it
 (inputs padded per batch with the end-of-text token, padding targets ignored);
 `generate_responses` answers test entries greedily (KV cache, stopping at end-of-text).
+The end-of-text token is GPT-2's unless given (a Llama / Qwen3 folder's eos_token).
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class InstructionData:
 
 def load_instruction_run(tokenizer: Any, batch_size: int, max_length: int, *, mask_prompt: bool = False,
                          seed: int = 123, data_file: str | None = None, data_dir: str | None = None,
-                         max_test_entries: int | None = None) -> InstructionData:
-    """Read, split and batch the instruction data (`batch_size`: the global batch)."""
+                         max_test_entries: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> InstructionData:
+    """Read, split and batch the instruction data (`batch_size`: the global batch), each
+    sequence ended and padded with `pad_token_id` (the tokenizer's end-of-text)."""
     data = load_instruction_data(data_file, data_dir)
     train_data, test_data, val_data = split_data(data)
     if not train_data or not val_data:
@@ -70,7 +72,8 @@ def load_instruction_run(tokenizer: Any, batch_size: int, max_length: int, *, ma
     if max_test_entries is not None:
         test_data = test_data[:max_test_entries]
     train_set, val_set = InstructionDataset(train_data, tokenizer), InstructionDataset(val_data, tokenizer)
-    batch_fn = functools.partial(collate, allowed_max_length=max_length, mask_prompt=mask_prompt)
+    batch_fn = functools.partial(collate, pad_token_id=pad_token_id, allowed_max_length=max_length,
+                                 mask_prompt=mask_prompt)
     train_loader = DataLoader(train_set, batch_size, shuffle=True, drop_last=True, seed=seed, collate_fn=batch_fn)
     val_loader = DataLoader(val_set, batch_size, shuffle=False, drop_last=False, collate_fn=batch_fn)
     return InstructionData(train_data, test_data, val_data, train_set, train_loader, val_loader)
@@ -97,8 +100,9 @@ def generate_response(model: GPTModel, tokenizer: Any, entry: dict[str, Any], ma
 
 
 def generate_responses(model: GPTModel, tokenizer: Any, entries: Sequence[dict[str, Any]],
-                       max_new_tokens: int = 256, progress: bool = True) -> list[dict[str, Any]]:
-    """Copies of `entries`, each with the generated ``model_response``."""
-    return [{**entry, "model_response": generate_response(model, tokenizer, entry, max_new_tokens)}
+                       max_new_tokens: int = 256, progress: bool = True,
+                       eos_id: int = PAD_TOKEN_ID) -> list[dict[str, Any]]:
+    """Copies of `entries`, each with the generated ``model_response`` (ended at `eos_id`)."""
+    return [{**entry, "model_response": generate_response(model, tokenizer, entry, max_new_tokens, eos_id)}
             for entry in tqdm(entries, desc="responding", unit="entry", disable=not progress)]
 

@@ -95,7 +95,8 @@ def add_start_model_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -
     source.add_argument("--hf-model", choices=HF_MODELS, default=None,
                         help="OpenAI's GPT-2 weights, downloaded from huggingface.co into --cache-dir")
     source.add_argument("--hf-dir", metavar="DIR",
-                        help="a local Hugging Face GPT-2 directory (config.json + model.safetensors)")
+                        help="a local Hugging Face folder: GPT-2 (config.json + model.safetensors), Llama 3 or Qwen3 "
+                             "(its tokenizer files too)")
     source.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="random initialisation of this model configuration")
     g.add_argument("--context-length", type=int, default=None,

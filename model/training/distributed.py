@@ -179,7 +179,9 @@ class Distributed:
             local = float(loss_fn(inputs[lo:hi], targets[lo:hi], model).item()) * counted if counted else 0.0
             total = self._torch.tensor([local, float(counted)], dtype=self._torch.float64, device=self._device)
             self._call("all_reduce (evaluation loss)", self._dist.all_reduce, total)
-            return engine.tensor(float(total[0] / total[1]), dtype="float64")
+            # NOTE: a batch with no counted target (a prompt masked to the end) is 0, as F.cross_entropy
+            # gives one process, not 0 / 0.
+            return engine.tensor(float(total[0] / total[1]) if total[1] else 0.0, dtype="float64")
         return loss
 
     def all_reduce_gradients(self, params: Iterable[Any]) -> None:

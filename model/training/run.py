@@ -9,7 +9,9 @@ checks the flags (`check_args`), sets the backend, checks --precision, runs `bod
 process (data-parallel under torchrun) with the engine seeded, and turns a user mistake
 (missing file, bad checkpoint, ...) into one ``error:`` line and exit 2. Inside the body,
 `start_model` loads the start model of the shared flags (the checkpoint's config when
-resuming), `make_optimizer` / `make_train_config` build AdamW and the loop's config,
+resuming: GPT-2, or Llama 3 / Qwen3 from a folder), `start_tokenizer` the tokenizer its ids
+belong to (a Llama / Qwen3 folder's files are copied into the run directory),
+`make_optimizer` / `make_train_config` build AdamW and the loop's config,
 `resumed_state` loads a resumed run's weights, optimizer and loop state, `fit` runs
 `model.training.loop.train` with the per-step log (``metrics.csv``, model.training.metrics)
 and is the one place for what keeps a run safe: the periodic and
@@ -37,7 +39,8 @@ from engine import optim
 from model.config import PRESETS
 from model.data.datadir import DataFileNotFoundError
 from model.data.files import write_json_atomic
-from model.gpt import GPTModel
+from model.decoder.config import DecoderConfig
+from model.decoder.hf import copy_tokenizer_files
 from model.lora import lora_layers, merge_lora, save_lora
 from model.training.cli import Recipe, check_args
 from model.training.distributed import Distributed, run_maybe_distributed
@@ -54,9 +57,16 @@ from model.training.loop import (
 )
 from model.training.metrics import TENSORBOARD_MISSING, MetricsLog, tensorboard_available, tensorboard_writer
 from model.training.plot import plot_losses
-from model.weights.checkpoint import Checkpoint, CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
+from model.weights.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    build_model,
+    checkpoint_paths,
+    load_checkpoint,
+    save_checkpoint,
+)
 from model.weights.hf import HFDownloadError
-from model.weights.start import load_start_model
+from model.weights.start import StartTokenizer, load_start_model, load_start_tokenizer
 
 
 class RunError(Exception):
@@ -244,12 +254,13 @@ def resumed_state(ctx: RunContext, model: Any, optimizer: Any) -> TrainState | N
     return state
 
 
-def start_model(ctx: RunContext, recipe: Recipe, **config: Any) -> tuple[GPTModel, str]:
-    """The start model of the shared flags; the recipe's when none is named. `config`: GPTConfig
-    fields of a randomly initialised model. With --resume: a model of the checkpoint's config,
-    which `resumed_state` fills."""
+def start_model(ctx: RunContext, recipe: Recipe, allow_decoder: bool = True, **config: Any) -> tuple[Any, str]:
+    """The start model of the shared flags (a GPTModel, or a DecoderModel from a Llama 3 /
+    Qwen3 folder or run unless not `allow_decoder`); the recipe's when none is named. `config`:
+    GPTConfig fields of a randomly initialised model. With --resume: a model of the
+    checkpoint's config, which `resumed_state` fills."""
     if ctx.resume is not None:
-        return GPTModel(ctx.resume.config), f"run {ctx.args.resume}"
+        return build_model(ctx.resume.config), f"run {ctx.args.resume}"
     a = ctx.args
     preset, hf_model, context_length = a.preset, a.hf_model, a.context_length
     if not (a.checkpoint or a.hf_model or a.hf_dir or a.preset):
@@ -258,8 +269,24 @@ def start_model(ctx: RunContext, recipe: Recipe, **config: Any) -> tuple[GPTMode
     if preset is not None and context_length is not None and context_length > PRESETS[preset].context_length:
         ctx.error(f"--context-length {context_length} is beyond the {preset} preset's {PRESETS[preset].context_length}"
                   f" tokens: choose at most {PRESETS[preset].context_length}")
-    return load_start_model(checkpoint=a.checkpoint, hf_model=hf_model, hf_dir=a.hf_dir, preset=preset,
-                            cache_dir=a.cache_dir, drop_rate=a.drop_rate, context_length=context_length, **config)
+    model, source = load_start_model(checkpoint=a.checkpoint, hf_model=hf_model, hf_dir=a.hf_dir, preset=preset,
+                                     cache_dir=a.cache_dir, drop_rate=a.drop_rate, context_length=context_length,
+                                     **config)
+    if not allow_decoder and isinstance(model.config, DecoderConfig):
+        ctx.error(f"{source}: {ctx.parser.prog} trains GPT-2 models only; fine-tune a {model.config.model_type} model "
+                  "with scratchgpt instruct or scratchgpt classify")
+    return model, source
+
+
+def start_tokenizer(ctx: RunContext, model: Any) -> StartTokenizer:
+    """The tokenizer the start model's ids belong to. A Llama 3 / Qwen3 tokenizer's files are
+    copied into --out-dir (by rank 0), so the run directory loads on its own: generate, chat,
+    export and classify predict read them there."""
+    a = ctx.args
+    tokenizer = load_start_tokenizer(model.config, checkpoint=a.checkpoint, hf_dir=a.hf_dir, data_dir=a.data_dir)
+    if tokenizer.folder is not None and ctx.is_main:
+        copy_tokenizer_files(tokenizer.folder, ctx.out_dir)
+    return tokenizer
 
 
 def make_optimizer(model: Any, args: argparse.Namespace) -> optim.AdamW:

@@ -7,7 +7,9 @@ A checkpoint at ``PATH`` is ``PATH.safetensors``:
   position in the optimizer);
 * header metadata (safetensors' ``__metadata__``): ``format`` and ``checkpoint``, a JSON
   text with the format version, config, step, optimizer scalars (step count, lr), the
-  trainer's ``extra`` dict (RNG state, data position, …) and which names are tied.
+  trainer's ``extra`` dict (RNG state, data position, …) and which names are tied. A Llama /
+  Qwen3 model (model.decoder) adds ``"family": "decoder"`` and its `DecoderConfig`; a GPT-2
+  checkpoint has no family entry: its metadata and tensors are written exactly as before.
 
 Weights and metadata are one file, written by `atomic_write` (temp file, fsync, rename),
 so a process killed at any instant leaves the previous checkpoint or the new one, never a
@@ -33,14 +35,19 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+import engine
 from engine import nn, optim
 from model.config import GPTConfig, parameter_shapes
 from model.data.files import atomic_write
+from model.decoder.config import DecoderConfig
+from model.decoder.config import parameter_shapes as decoder_parameter_shapes
+from model.decoder.model import DecoderModel
 from model.gpt import GPTModel, model_from_state_dict
 
 FORMAT = "scratchgpt-checkpoint"
 VERSION = 2
 META_KEY = "checkpoint"  # the header metadata entry holding the JSON
+ModelConfig = GPTConfig | DecoderConfig
 
 
 class CheckpointError(RuntimeError):
@@ -63,7 +70,7 @@ class CheckpointSaveError(CheckpointError):
 
 @dataclass
 class Checkpoint:
-    config: GPTConfig
+    config: ModelConfig  # a DecoderConfig for a Llama / Qwen3 model
     state_dict: dict[str, np.ndarray]  # every parameter name, tied ones included
     optimizer_state: dict[str, Any] | None  # as `Optimizer.state_dict()` returns it
     step: int = 0
@@ -115,7 +122,7 @@ def check_finite(tensors: Mapping[str, np.ndarray], where: str, advice: str) -> 
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
-    config: GPTConfig,
+    config: ModelConfig,
     optimizer: optim.Optimizer | None = None,
     step: int = 0,
     extra: dict[str, Any] | None = None,
@@ -163,7 +170,7 @@ def save_checkpoint(
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "config": config.to_dict(),
+        **_config_meta(config),
         "step": int(step),
         "tied": tied,
         "optimizer": optimizer_meta,
@@ -171,6 +178,11 @@ def save_checkpoint(
     }
     _write(base, tensors, meta)
     return base
+
+
+def _config_meta(config: ModelConfig) -> dict[str, Any]:
+    """The metadata entries naming the model: its config, and its family unless GPT-2."""
+    return ({"family": "decoder"} if isinstance(config, DecoderConfig) else {}) | {"config": config.to_dict()}
 
 
 def _write(base: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -211,7 +223,7 @@ def save_weights_only(path: str | os.PathLike, out: str | os.PathLike) -> Path:
             first_name[id(array)] = name
             tensors[f"model.{name}"] = array
     extra = {k: v for k, v in ckpt.extra.items() if k != "train_state"}
-    meta = {"format": FORMAT, "version": VERSION, "config": ckpt.config.to_dict(), "step": ckpt.step, "tied": tied,
+    meta = {"format": FORMAT, "version": VERSION, **_config_meta(ckpt.config), "step": ckpt.step, "tied": tied,
             "optimizer": None, "extra": extra}
     base = _base(out)
     _write(base, tensors, meta)
@@ -312,7 +324,7 @@ def _read_legacy_meta(tensors_path: Path, save_id: str | None) -> dict[str, Any]
     return meta
 
 
-def _check_meta(meta: dict[str, Any], where: Path) -> GPTConfig:
+def _check_meta(meta: dict[str, Any], where: Path) -> ModelConfig:
     """Check the metadata's fields (one clear error, never a traceback); returns the config."""
     types = {"config": dict, "step": int, "tied": dict, "optimizer": (dict, type(None)), "extra": dict}
     problems = [f"{key} missing" for key in types if key not in meta]
@@ -330,19 +342,22 @@ def _check_meta(meta: dict[str, Any], where: Path) -> GPTConfig:
             problems.append("optimizer needs scalars (a dict) and buffers (name -> count)")
     if problems:
         raise CheckpointError(f"{where}: malformed checkpoint metadata: {'; '.join(problems)}")
+    family = meta.get("family", "gpt2")
+    if family not in ("gpt2", "decoder"):
+        raise CheckpointError(f"{where}: model family {family!r} is unknown to this version (gpt2, decoder)")
     try:
-        return GPTConfig.from_dict(meta["config"])
+        return (DecoderConfig if family == "decoder" else GPTConfig).from_dict(meta["config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: bad config ({err})") from None
 
 
-def shape_misfits(config: GPTConfig, shapes: Mapping[str, Sequence[int]]) -> str:
+def shape_misfits(config: ModelConfig, shapes: Mapping[str, Sequence[int]]) -> str:
     """How tensors of these shapes (under our parameter names) fall short of the parameters of
-    ``GPTModel(config)``: missing ones, wrong shapes; "" when none. The head may be absent
+    the model of ``config`` (GPTModel or DecoderModel): missing ones, wrong shapes; "" when none. The head may be absent
     (tied, or replaced by a classifier's); tensors the config does not name are left to the
     strict load, as a model of this config is no larger than they are. Shapes alone:
     loaders call this before reading data or building a model."""
-    expected = parameter_shapes(config)
+    expected = decoder_parameter_shapes(config) if isinstance(config, DecoderConfig) else parameter_shapes(config)
     missing = [name for name in expected if name not in shapes and name != "lm_head.weight"]
     wrong = [f"{name} is {list(shapes[name])}, not {list(shape)}"
              for name, shape in expected.items() if name in shapes and tuple(shapes[name]) != shape]
@@ -350,25 +365,43 @@ def shape_misfits(config: GPTConfig, shapes: Mapping[str, Sequence[int]]) -> str
     return "; ".join(([f"missing {', '.join(missing[:8])}{more}"] if missing else []) + wrong[:4])
 
 
-def _check_fits(config: GPTConfig, shapes: dict[str, list[int]], where: Path) -> None:
-    """The GPT that the config describes must be stored under ``model.`` (a language model)
+def _check_fits(config: ModelConfig, shapes: dict[str, list[int]], where: Path) -> None:
+    """The model that the config describes must be stored under ``model.`` (a language model)
     or ``model.gpt.`` (a classifier's body)."""
-    prefix = next((p for p in ("model.", "model.gpt.") if f"{p}wte.weight" in shapes), None)
+    embedding = "embed_tokens.weight" if isinstance(config, DecoderConfig) else "wte.weight"
+    prefix = next((p for p in ("model.", "model.gpt.") if f"{p}{embedding}" in shapes), None)
     if prefix is None:
-        raise CheckpointError(f"{where}: no model.wte.weight stored: not a GPT checkpoint")
+        raise CheckpointError(f"{where}: no model.{embedding} stored: not a checkpoint of the model its config names")
     problems = shape_misfits(config, {name[len(prefix):]: shape for name, shape in shapes.items()
                                       if name.startswith(prefix)})
     if problems:
         raise CheckpointError(f"{where}: the weights do not fit its config ({problems})")
 
 
-def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[GPTModel, Checkpoint]:
-    """A `GPTModel` built from the checkpoint's config and holding its weights (in the
-    stored dtype; the engine's RNG state is left as it was), plus the `Checkpoint`
-    (optimizer state, step, extra)."""
+def build_model(config: ModelConfig, state: dict[str, Any] | None = None) -> GPTModel | DecoderModel:
+    """The model ``config`` describes (`DecoderModel` for a `DecoderConfig`, else `GPTModel`),
+    holding ``state`` (every name, strict) when given. The engine's RNG state is left as it
+    was. Raises the engine's KeyError when names or shapes do not fit."""
+    if state is not None and not isinstance(config, DecoderConfig):
+        return model_from_state_dict(config, state)  # which also keeps float64 weights float64
+    backend = engine.get_backend()
+    rng_state = backend.rng_state()
+    try:
+        model = DecoderModel(config, init_weights=False) if isinstance(config, DecoderConfig) else GPTModel(config)
+    finally:
+        backend.set_rng_state(rng_state)
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[GPTModel | DecoderModel, Checkpoint]:
+    """The model built from the checkpoint's config and holding its weights (in the stored
+    dtype; the engine's RNG state is left as it was), plus the `Checkpoint` (optimizer
+    state, step, extra)."""
     ckpt = load_checkpoint(path)
     try:
-        model = model_from_state_dict(ckpt.config, ckpt.state_dict)
+        model = build_model(ckpt.config, ckpt.state_dict)
     except KeyError as err:
         raise CheckpointError(f"{ckpt.path}: weights do not fit its config: {err.args[0]}") from None
     return model, ckpt

@@ -4,24 +4,24 @@
 (its latest checkpoint, or its best with ``best=True``) or a Hugging Face folder: GPT-2
 (config.json + model.safetensors, with vocab.json + merges.txt when present, else GPT-2's
 files from the data dir) or Llama 3 / Qwen3 (``model_type`` in config.json, through
-model.decoder). A checkpoint saved by ``model.instruct`` names its prompt template; a
+model.decoder). A checkpoint saved by ``model.instruct`` names its prompt template; one of
+a Llama 3 / Qwen3 run reads its tokenizer from the files beside it (the run directory). A
 classifier is refused with the command to use instead.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.gpt import model_from_state_dict
-from model.tasks.chat import ChatFormat, gpt2_chat_format
+from model.tasks.chat import ChatFormat, prompt_chat_format
 from model.tokenizers.gpt2 import encode_text, gpt2_tokenizer, gpt2_tokenizer_from_files
-from model.weights.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from model.weights.checkpoint import CheckpointError, build_model, load_checkpoint, resolve_checkpoint
 from model.weights.hf import load_hf_gpt2
+from model.weights.start import StartTokenizer, gpt2_start_tokenizer, is_decoder_folder, load_start_tokenizer
 
 
 @dataclass
@@ -31,14 +31,6 @@ class InferenceModel:
     decode: Callable[[list[int]], str]
     chat: ChatFormat  # how a conversation becomes ids ("plain": continuation)
     description: str
-
-
-def hf_model_type(directory: str | os.PathLike) -> str | None:
-    """``model_type`` in a folder's config.json (None when there is none or it is unreadable)."""
-    try:
-        return json.loads((Path(directory) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def load_for_inference(source: str | os.PathLike, best: bool = False,
@@ -55,16 +47,16 @@ def load_for_inference(source: str | os.PathLike, best: bool = False,
         raise CheckpointError(f"{ckpt.path} is a spam classifier, not a language model: classify a message with "
                               f"scratchgpt classify predict TEXT --checkpoint {ckpt.path}")
     try:
-        model = model_from_state_dict(ckpt.config, ckpt.state_dict)
+        model = build_model(ckpt.config, ckpt.state_dict)
     except KeyError as err:
         raise CheckpointError(f"{ckpt.path}: weights do not fit its config: {err.args[0]}") from None
-    return gpt2_inference(model, gpt2_tokenizer(data_dir), ckpt.extra.get("prompt_template"), f"checkpoint {ckpt.path}")
+    tokenizer = load_start_tokenizer(ckpt.config, checkpoint=ckpt.path, data_dir=data_dir)
+    return prompt_inference(model, tokenizer, ckpt.extra.get("prompt_template"), f"checkpoint {ckpt.path}")
 
 
 def load_hf_for_inference(directory: Path, data_dir: str | os.PathLike | None = None) -> InferenceModel:
     """A Hugging Face folder: GPT-2 into our GPTModel, Llama 3 / Qwen3 into model.decoder's."""
-    model_type = hf_model_type(directory)
-    if model_type in ("llama", "qwen3"):
+    if is_decoder_folder(directory):
         from model.decoder import load_hf_folder
 
         model, tokenizer, template = load_hf_folder(directory)
@@ -75,22 +67,24 @@ def load_hf_for_inference(directory: Path, data_dir: str | os.PathLike | None = 
         else:
             chat = ChatFormat(template.name, lambda messages: template.encode(tokenizer, messages),
                               tuple(template.stop_ids(tokenizer)))
-        return InferenceModel(model, tokenizer.encode, tokenizer.decode, chat, f"{model_type} from {directory}")
+        return InferenceModel(model, tokenizer.encode, tokenizer.decode, chat,
+                              f"{model.config.model_type} from {directory}")
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
     tokenizer = gpt2_tokenizer_from_files(vocab, merges) if vocab.is_file() and merges.is_file() \
         else gpt2_tokenizer(data_dir)
     model = load_hf_gpt2(directory, drop_rate=0.0)
-    return gpt2_inference(model, tokenizer, None, f"Hugging Face GPT-2 from {directory}")
+    return prompt_inference(model, gpt2_start_tokenizer(tokenizer), None, f"Hugging Face GPT-2 from {directory}")
 
 
-def gpt2_inference(model: Any, tokenizer: Any, template: str | None, description: str) -> InferenceModel:
-    """A GPT-2-tokenizer model with the prompt template its checkpoint names (None: plain continuation)."""
-    encode = lambda text: encode_text(tokenizer, text)  # noqa: E731
-    if model.config.vocab_size <= tokenizer.eot_token:
-        raise CheckpointError(f"{description}: its vocab_size {model.config.vocab_size} is smaller than GPT-2's: it "
-                              "was not trained with the GPT-2 tokenizer")
+def prompt_inference(model: Any, tokenizer: StartTokenizer, template: str | None, description: str) -> InferenceModel:
+    """A model with the tokenizer it was trained with and the prompt template its checkpoint
+    names (None: plain continuation); a reply ends at the tokenizer's end-of-text token."""
+    encode = lambda text: encode_text(tokenizer.tokenizer, text)  # noqa: E731
+    if model.config.vocab_size <= tokenizer.eos_id:
+        raise CheckpointError(f"{description}: its vocab_size {model.config.vocab_size} does not hold the tokenizer's "
+                              f"end-of-text id {tokenizer.eos_id}: it was not trained with this tokenizer")
     try:
-        chat = gpt2_chat_format(template, encode, tokenizer.eot_token)
+        chat = prompt_chat_format(template, encode, tokenizer.eos_id, tokenizer.eos_text)
     except ValueError as err:
         raise CheckpointError(f"{description}: {err}") from None
-    return InferenceModel(model, encode, tokenizer.decode, chat, description)
+    return InferenceModel(model, encode, tokenizer.tokenizer.decode, chat, description)
