@@ -9,7 +9,8 @@ from typing import Any
 from model.config import get_config
 from model.gpt import GPTModel, model_from_state_dict
 from model.weights.checkpoint import CheckpointError, load_checkpoint
-from model.weights.hf import download_hf_gpt2, load_hf_gpt2
+from model.weights.hf import load_hf_gpt2
+from model.weights.hub import download_hf_model
 
 
 def load_start_model(*, checkpoint: str | os.PathLike | None = None, hf_model: str | None = None,
@@ -17,7 +18,7 @@ def load_start_model(*, checkpoint: str | os.PathLike | None = None, hf_model: s
                      cache_dir: str | os.PathLike | None = None, drop_rate: float | None = None,
                      context_length: int | None = None, **config: Any) -> tuple[GPTModel, str]:
     """(model, what it is in words) from the first source given: `checkpoint` (a GPT language
-    model written by save_checkpoint), a local `hf_dir`, a downloaded `hf_model`, else random
+    model written by save_checkpoint), a downloaded `hf_model` or a local `hf_dir`, else random
     initialisation of `preset` (with `context_length` and further GPTConfig fields `config`).
     `drop_rate` replaces the model's dropout rate (None keeps it)."""
     drop = {} if drop_rate is None else {"drop_rate": drop_rate}
@@ -31,10 +32,10 @@ def load_start_model(*, checkpoint: str | os.PathLike | None = None, hf_model: s
                 f"checkpoint {ckpt.path}"
         except KeyError as err:
             raise CheckpointError(f"{ckpt.path}: weights do not fit its config: {err.args[0]}") from None
+    if hf_model:
+        hf_dir = download_hf_model(hf_model, cache_dir)  # then loaded as --hf-dir loads a folder
     if hf_dir:
         return load_hf_gpt2(hf_dir, **drop), f"Hugging Face GPT-2 from {hf_dir}"
-    if hf_model:
-        return load_hf_gpt2(download_hf_gpt2(hf_model, cache_dir), **drop), f"Hugging Face {hf_model}"
     if preset is None:
         raise ValueError("load_start_model: give a checkpoint, hf_model, hf_dir or preset")
     overrides = {**drop, **config} | ({} if context_length is None else {"context_length": context_length})
