@@ -1,6 +1,7 @@
 """Chat with a model: ``python -m model.chat runs/instruct`` (also ``scratchgpt chat``).
 
-MODEL is a checkpoint, a run directory or a Hugging Face folder (GPT-2, Llama 3, Qwen3). The
+MODEL is a checkpoint, a run directory or a Hugging Face folder (GPT-2, Llama 3, Qwen3);
+``--hf-model REPO`` downloads such a folder (e.g. Qwen/Qwen3-0.6B) instead. The
 prompt template comes with the model: the one ``model.instruct`` stored in its checkpoint, or
 the folder's native chat template; a model without one continues the text as written. Replies
 stream as they are generated; the conversation (and its KV cache) carries across turns, its
@@ -21,8 +22,9 @@ from collections.abc import Sequence
 import engine
 from model.data.datadir import DataFileNotFoundError, add_data_dir_argument
 from model.tasks.chat import ChatSession
-from model.training.cli import add_backend_argument, command_parser
+from model.training.cli import add_backend_argument, add_hf_model_argument, command_parser
 from model.weights.checkpoint import CheckpointError
+from model.weights.hub import HFDownloadError, download_hf_model
 from model.weights.inference import load_for_inference
 
 HELP = "/reset starts over, /stats toggles tokens/s, /exit or Ctrl-D quits, Ctrl-C stops a reply"
@@ -31,7 +33,9 @@ HELP = "/reset starts over, /stats toggles tokens/s, /exit or Ctrl-D quits, Ctrl
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("chat", "Chat with an instruction-tuned checkpoint, a run directory or a Hugging Face "
                                "folder (GPT-2, Llama 3, Qwen3).", epilog=HELP)
-    p.add_argument("model", help="checkpoint, run directory (its latest checkpoint) or Hugging Face folder")
+    p.add_argument("model", nargs="?", help="checkpoint, run directory (its latest checkpoint) or Hugging Face folder")
+    add_hf_model_argument(p)
+    p.add_argument("--cache-dir", metavar="DIR", default=None, help="where --hf-model downloads are kept")
     p.add_argument("--best", action="store_true", help="the run directory's best checkpoint instead of its latest")
     p.add_argument("--system", default=None, help="a system message (templates that have one: Llama 3, Qwen3)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens in one reply")
@@ -51,11 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if (args.model is None) == (args.hf_model is None):
+        parser.error("give MODEL (a checkpoint, run directory or Hugging Face folder) or --hf-model REPO, not both")
     if args.backend:
         engine.set_backend(args.backend)
     try:
-        loaded = load_for_inference(args.model, args.best, args.data_dir)
-    except (CheckpointError, DataFileNotFoundError, ValueError) as err:  # HFFolderError is a ValueError
+        loaded = load_for_inference(args.model or download_hf_model(args.hf_model, args.cache_dir), args.best,
+                                    args.data_dir)
+    except (CheckpointError, HFDownloadError, DataFileNotFoundError, ValueError) as err:  # HFFolderError: ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     session = ChatSession(loaded.model, loaded.chat, loaded.decode, args.max_new_tokens, args.temperature,

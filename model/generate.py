@@ -4,7 +4,8 @@ Greedy by default; ``--temperature``, ``--top-k`` and ``--top-p`` sample (model.
 ``--checkpoint`` takes a checkpoint or a run directory (``--best``: its best checkpoint);
 an instruction-tuned one gets its prompt template and only the response is printed.
 ``--hf-dir`` takes a GPT-2 folder (with its own tokenizer files when present) or a Llama 3 /
-Qwen3 folder. Tokens/s go to stderr after each sample.
+Qwen3 folder; ``--hf-model REPO`` downloads one (model.weights.hub) and takes it the same
+way. Tokens/s go to stderr after each sample.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import numpy as np
 import engine
 from model.config import PRESETS
 from model.data.datadir import DataFileNotFoundError, add_data_dir_argument
-from model.gpt import GPTModel
 from model.sampling import generate
 from model.tokenizers.gpt2 import gpt2_tokenizer
-from model.training.cli import add_backend_argument, check_args, command_parser
+from model.training.cli import add_backend_argument, add_hf_model_argument, check_args, command_parser
 from model.weights.checkpoint import CheckpointError
-from model.weights.hf import HF_MODELS, HFDownloadError
+from model.weights.hub import HFDownloadError, download_hf_model
 from model.weights.inference import InferenceModel, load_for_inference, load_hf_for_inference, prompt_inference
 from model.weights.start import gpt2_start_tokenizer, load_start_model
 
@@ -39,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH",
                         help="checkpoint (PATH or PATH.safetensors) or run directory (its latest checkpoint)")
-    source.add_argument("--hf-model", choices=HF_MODELS,
-                        help="OpenAI GPT-2 weights from huggingface.co (downloaded once into --cache-dir)")
+    add_hf_model_argument(source)
     source.add_argument("--hf-dir", metavar="DIR",
                         help="local Hugging Face folder: GPT-2 (config.json, model.safetensors, and vocab.json + "
                              "merges.txt if present), Llama 3 or Qwen3")
@@ -65,24 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(args: argparse.Namespace) -> GPTModel:
-    """The model the command-line arguments name."""
-    if not (args.checkpoint or args.hf_dir or args.hf_model):
-        print(f"note: no --checkpoint/--hf-model/--hf-dir given: an untrained {args.preset!r} model "
-              "writes gibberish", file=sys.stderr)
-        engine.manual_seed(args.seed)
-    return load_start_model(checkpoint=args.checkpoint, hf_model=args.hf_model, hf_dir=args.hf_dir,
-                            preset=args.preset, cache_dir=args.cache_dir)[0]
-
-
 def load_inference_model(args: argparse.Namespace) -> InferenceModel:
     """The model, tokenizer and prompt format the arguments name."""
     if args.checkpoint:
         return load_for_inference(args.checkpoint, args.best, args.data_dir)
-    if args.hf_dir:
-        return load_hf_for_inference(Path(args.hf_dir), args.data_dir)
-    source = f"Hugging Face {args.hf_model}" if args.hf_model else f"random {args.preset}"
-    return prompt_inference(load_model(args), gpt2_start_tokenizer(gpt2_tokenizer(args.data_dir)), None, source)
+    if args.hf_dir or args.hf_model:
+        folder = args.hf_dir or download_hf_model(args.hf_model, args.cache_dir)
+        return load_hf_for_inference(Path(folder), args.data_dir)
+    print(f"note: no --checkpoint/--hf-model/--hf-dir given: an untrained {args.preset!r} model writes gibberish",
+          file=sys.stderr)
+    engine.manual_seed(args.seed)
+    model = load_start_model(preset=args.preset)[0]
+    return prompt_inference(model, gpt2_start_tokenizer(gpt2_tokenizer(args.data_dir)), None, f"random {args.preset}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -126,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(loaded.decode([int(t) for t in out]))
             print(f"[{len(new)} tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s]", file=sys.stderr)
     except (CheckpointError, HFDownloadError, DataFileNotFoundError, ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

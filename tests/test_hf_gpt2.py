@@ -196,6 +196,8 @@ def test_bad_hf_directories(tmp_path):
 
 
 class FakeResponse(io.BytesIO):
+    status = 200
+
     def __init__(self, data: bytes, length: int | None = None):
         super().__init__(data)
         self.headers = {"Content-Length": str(len(data) if length is None else length)}
@@ -206,9 +208,9 @@ def test_download_writes_files_atomically(tmp_path, monkeypatch):
     export_hf(GPTModel(GPTConfig(vocab_size=V, context_length=C, emb_dim=E, n_heads=H, n_layers=L)), source)
     fetched = []
 
-    def fake_urlopen(url, timeout=None):
-        fetched.append(url)
-        return FakeResponse((source / url.rsplit("/", 1)[1]).read_bytes())
+    def fake_urlopen(request, timeout=None):
+        fetched.append(request.full_url)
+        return FakeResponse((source / request.full_url.rsplit("/", 1)[1]).read_bytes())
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     directory = download_hf_gpt2("gpt2", cache_dir=tmp_path / "cache")
@@ -222,11 +224,12 @@ def test_download_writes_files_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(b"short", length=100))
     with pytest.raises(HFDownloadError, match="5 of 100 bytes"):
         download_hf_gpt2("gpt2-medium", cache_dir=tmp_path / "cache")
-    assert list((tmp_path / "cache" / "gpt2-medium").iterdir()) == []  # no partial file left
+    # no file that looks complete: only the hidden partial one, which the next call resumes
+    assert [p.name for p in (tmp_path / "cache" / "gpt2-medium").iterdir()] == [".config.json.incomplete"]
 
 
 def test_download_offline_names_the_alternative(tmp_path, monkeypatch):
-    def offline(url, timeout=None):
+    def offline(request, timeout=None):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)

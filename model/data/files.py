@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -42,13 +43,18 @@ def atomic_write(dest: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         mode = tmp.stat().st_mode & 0o777
         write(tmp)
         os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        commit(tmp, dest)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    _fsync_dir(dest.parent)
     return dest
+
+
+def commit(tmp: Path, dest: Path) -> None:
+    """Flush ``tmp`` to disk and rename it to ``dest`` (in the same directory tree), durably."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
 
 
 def _remove_stale_temp_files(dest: Path) -> None:
@@ -84,13 +90,37 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def download(url: str, dest: Path, desc: str) -> int | None:
-    """Stream ``url`` into ``dest`` with a progress bar; returns the announced Content-Length
-    (None when the server sent none) so the caller can check the size."""
-    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc) as bar:
+def download(url: str, dest: Path, desc: str, token: str | None = None, resume: bool = False) -> int | None:
+    """Stream ``url`` into ``dest`` with a progress bar; returns the file's whole size as the
+    server announced it (None when it sent none) so the caller can check the size.
+
+    ``token`` goes as a bearer token to ``url``'s host only: not along a redirect (a hub
+    redirects large files to a CDN with signed URLs). ``resume``: ``dest`` holds the start of
+    the file from an interrupted download; ask for the rest (HTTP Range) and append, or start
+    over when the server sends the whole file."""
+    offset = dest.stat().st_size if resume and dest.exists() else 0
+    request = urllib.request.Request(url)
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as err:
+        if offset and err.code == 416:  # the partial file is already whole (or longer): start over
+            dest.unlink()
+            return download(url, dest, desc, token)
+        raise
+    with response:
+        appending = offset and response.status == 206
+        if appending and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            raise OSError(f"{url}: asked for bytes from {offset}, got {response.headers.get('Content-Range')}")
+        start = offset if appending else 0
+        length = int(response.headers.get("Content-Length") or 0) or None
+        with open(dest, "ab" if appending else "wb") as out, \
+                tqdm(total=None if length is None else start + length, initial=start, unit="B", unit_scale=True,
+                     unit_divisor=1024, desc=desc) as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
-    return total
+    return None if length is None else start + length

@@ -18,7 +18,7 @@ from typing import Any
 from model.config import PRESETS
 from model.data.datadir import add_data_dir_argument
 from model.training.distributed import add_ddp_argument
-from model.weights.hf import HF_MODELS
+from model.weights.hub import check_repo_id
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -47,6 +47,21 @@ def add_backend_argument(parser: argparse.ArgumentParser | argparse._ArgumentGro
                         help="engine backend (default: triton with a CUDA GPU, else numpy)")
 
 
+def hf_repo(value: str) -> str:
+    """``--hf-model``'s type: a Hugging Face repo id."""
+    try:
+        return check_repo_id(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_hf_model_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--hf-model", type=hf_repo, metavar="REPO", default=None,
+                        help="a Hugging Face repo, downloaded once into --cache-dir, then read as a local folder: "
+                             "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or Llama 3 / Qwen3 such as Qwen/Qwen3-0.6B "
+                             "or meta-llama/Llama-3.2-1B (gated: accept its license and set HF_TOKEN)")
+
+
 def command_parser(command: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """The parser of ``python -m model.<command>``: that usage line, the shared help formatter."""
     return argparse.ArgumentParser(prog=f"python -m model.{command}", description=description, epilog=epilog,
@@ -65,7 +80,7 @@ class Recipe:
     drop_rate: float
     start: str  # the start model when no --checkpoint/--hf-model/--hf-dir/--preset is given, in words
     preset: str | None = None  # random initialisation of this preset by default ...
-    hf_model: str | None = None  # ... or this Hugging Face GPT-2
+    hf_model: str | None = None  # ... or this Hugging Face repo
     context_length: int | None = None  # the default --preset's context length in this recipe (None: the preset's)
     eval_iters: int = 5
 
@@ -92,8 +107,7 @@ def add_start_model_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -
     source = g.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH",
                         help="our GPT checkpoint to start from (PATH.safetensors + PATH.json, e.g. from model.train)")
-    source.add_argument("--hf-model", choices=HF_MODELS, default=None,
-                        help="OpenAI's GPT-2 weights, downloaded from huggingface.co into --cache-dir")
+    add_hf_model_argument(source)
     source.add_argument("--hf-dir", metavar="DIR",
                         help="a local Hugging Face folder: GPT-2 (config.json + model.safetensors), Llama 3 or Qwen3 "
                              "(its tokenizer files too)")

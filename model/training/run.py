@@ -66,6 +66,7 @@ from model.weights.checkpoint import (
     save_checkpoint,
 )
 from model.weights.hf import HFDownloadError
+from model.weights.hub import download_hf_model
 from model.weights.start import StartTokenizer, load_start_model, load_start_tokenizer
 
 
@@ -283,7 +284,10 @@ def start_tokenizer(ctx: RunContext, model: Any) -> StartTokenizer:
     copied into --out-dir (by rank 0), so the run directory loads on its own: generate, chat,
     export and classify predict read them there."""
     a = ctx.args
-    tokenizer = load_start_tokenizer(model.config, checkpoint=a.checkpoint, hf_dir=a.hf_dir, data_dir=a.data_dir)
+    hf_dir = a.hf_dir
+    if hf_dir is None and a.hf_model and isinstance(model.config, DecoderConfig):
+        hf_dir = download_hf_model(a.hf_model, a.cache_dir)  # already there: start_model downloaded it
+    tokenizer = load_start_tokenizer(model.config, checkpoint=a.checkpoint, hf_dir=hf_dir, data_dir=a.data_dir)
     if tokenizer.folder is not None and ctx.is_main:
         copy_tokenizer_files(tokenizer.folder, ctx.out_dir)
     return tokenizer

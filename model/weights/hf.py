@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,22 +28,18 @@ import safetensors
 import safetensors.numpy
 
 from model.config import GPTConfig
-from model.data.datadir import data_file, user_cache_dir
-from model.data.files import atomic_write, download, write_json_atomic
+from model.data.datadir import data_file
+from model.data.files import atomic_write, write_json_atomic
 from model.gpt import GPTModel, model_from_state_dict
 from model.tokenizers.bpe import ENDOFTEXT
 from model.weights.checkpoint import CheckpointError, check_finite, shape_misfits
+from model.weights.hub import HFDownloadError, download_hf_model  # noqa: F401  HFDownloadError: re-exported
 
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-HF_FILES = ("config.json", "model.safetensors")
 _CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 _GPT2_VOCAB = 50257  # GPT-2's tokens; the last is <|endoftext|>
-
-
-class HFDownloadError(RuntimeError):
-    """A Hugging Face file could not be downloaded; the message says how to use a local copy."""
 
 
 # --- config ---
@@ -227,44 +221,8 @@ def export_hf_tokenizer(out_dir: str | os.PathLike, config: GPTConfig,
 
 
 def download_hf_gpt2(name: str = "gpt2", cache_dir: str | os.PathLike | None = None) -> Path:
-    """Directory holding ``name``'s config.json and model.safetensors, downloaded from
-    huggingface.co into ``cache_dir`` (default: the user cache dir, ``…/scratchgpt/hf``)
-    unless already there. Offline: `HFDownloadError` naming the ``--hf-dir`` alternative."""
+    """Directory holding OpenAI GPT-2 ``name``'s config.json and model.safetensors, downloaded
+    from huggingface.co (model.weights.hub) into ``cache_dir`` unless already there."""
     if name not in HF_MODELS:
         raise ValueError(f"unknown GPT-2 model {name!r}: choose one of {', '.join(HF_MODELS)}")
-    target = Path(cache_dir) if cache_dir is not None else user_cache_dir() / "hf"
-    target = target / name
-    target.mkdir(parents=True, exist_ok=True)
-    for filename in HF_FILES:
-        dest = target / filename
-        if dest.is_file():
-            continue
-        url = f"https://huggingface.co/{name}/resolve/main/{filename}"
-        try:
-            _download(url, dest)
-        except (OSError, urllib.error.URLError) as err:
-            raise HFDownloadError(
-                f"could not download {url} ({err}). Offline? Fetch config.json and model.safetensors from "
-                f"https://huggingface.co/{name} on another machine, put them in a directory and pass "
-                "--hf-dir DIR (or call load_hf_gpt2(DIR))."
-            ) from err
-    return target
-
-
-def _download(url: str, dest: Path) -> None:
-    """Stream ``url`` to ``dest`` with a progress bar, checked before it takes the final name."""
-
-    def fetch_and_check(tmp: Path) -> None:
-        total = download(url, tmp, dest.name)
-        if total is not None and tmp.stat().st_size != total:
-            raise OSError(f"got {tmp.stat().st_size} of {total} bytes")
-        if dest.suffix == ".safetensors":
-            try:
-                with safetensors.safe_open(str(tmp), framework="np") as f:
-                    f.keys()
-            except safetensors.SafetensorError as err:
-                raise OSError(f"the download is not a valid safetensors file ({err})") from None
-
-    atomic_write(dest, fetch_and_check)
-
-
+    return download_hf_model(name, cache_dir)

@@ -18,7 +18,8 @@ from model.gpt import GPTModel
 from model.tokenizers.bpe import ENDOFTEXT
 from model.tokenizers.gpt2 import gpt2_tokenizer
 from model.weights.checkpoint import CheckpointError, ModelConfig, build_model, load_checkpoint, resolve_checkpoint
-from model.weights.hf import download_hf_gpt2, load_hf_gpt2
+from model.weights.hf import load_hf_gpt2
+from model.weights.hub import download_hf_model
 
 DECODER_TYPES = ("llama", "qwen3")  # model_type values model.decoder loads
 _DECODER_EOS = ("<|end_of_text|>", "<|endoftext|>")  # Llama 3's and Qwen's end of text, when no eos_token is named
@@ -65,6 +66,8 @@ def load_start_model(*, checkpoint: str | os.PathLike | None = None, hf_model: s
             return build_model(dataclasses.replace(ckpt.config, **drop), ckpt.state_dict), f"checkpoint {ckpt.path}"
         except KeyError as err:
             raise CheckpointError(f"{ckpt.path}: weights do not fit its config: {err.args[0]}") from None
+    if hf_model:
+        hf_dir = download_hf_model(hf_model, cache_dir)  # then loaded as --hf-dir loads a folder
     if hf_dir and is_decoder_folder(hf_dir):
         try:
             _check_no_dropout(read_hf_config(hf_dir), drop_rate, str(hf_dir))
@@ -74,8 +77,6 @@ def load_start_model(*, checkpoint: str | os.PathLike | None = None, hf_model: s
         return model, f"Hugging Face {model.config.model_type} from {hf_dir}"
     if hf_dir:
         return load_hf_gpt2(hf_dir, **drop), f"Hugging Face GPT-2 from {hf_dir}"
-    if hf_model:
-        return load_hf_gpt2(download_hf_gpt2(hf_model, cache_dir), **drop), f"Hugging Face {hf_model}"
     if preset is None:
         raise ValueError("load_start_model: give a checkpoint, hf_model, hf_dir or preset")
     overrides = {**drop, **config} | ({} if context_length is None else {"context_length": context_length})
