@@ -36,7 +36,7 @@ from model.decoder import PRESETS as DECODER_PRESETS
 from model.decoder import DecoderModel, export_hf_folder, load_hf_model
 from model.gpt import GPTModel
 from model.weights.hf import export_hf, load_hf_gpt2
-from model.weights.inference import hf_model_type
+from model.weights.start import hf_model_type
 
 MODELS = ("gpt2", "llama", "qwen3")
 HEADERS = ("model", "phase", "tokens", "ours tok/s", "transformers tok/s", "ours/theirs")
