@@ -348,6 +348,10 @@ class _LinearCrossEntropy(Function):
         dx, dw, db = self.grads
         backend = get_backend()
         w_dtype, b_dtype = self.dtypes
+        if bool(g == 1):  # loss.backward(): hand the gradients on as they are (no (V, E) product)
+            dw = None if dw is None else backend.astype(dw, w_dtype)
+            db = None if db is None else backend.astype(db, b_dtype)
+            return (dx, dw, None) if len(self.parents) == 3 else (dx, dw, None, db)
         dx = None if dx is None else dx * backend.astype(g, dx.dtype)
         dw = None if dw is None else backend.astype(dw * backend.astype(g, dw.dtype), w_dtype)
         db = None if db is None else backend.astype(db * backend.astype(g, db.dtype), b_dtype)

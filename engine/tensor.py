@@ -160,8 +160,12 @@ class _GradSlots:
         self._leave(g)
         return g.dense() if isinstance(g, ScatteredGrad) else g
 
-    def add(self, key: int, g: Any) -> None:
+    def add(self, key: int, g: Any, kept_by_graph: bool = False) -> None:
+        """Sum ``g`` into the slot ``key``. ``kept_by_graph``: g may be an array its Function
+        keeps for a later backward through a retained graph, so it must never change."""
         self._enter(g)
+        if kept_by_graph:
+            self._mark(g.values if isinstance(g, ScatteredGrad) else g)
         acc = self.slots.get(key)
         if acc is None:
             self.slots[key] = g
@@ -305,7 +309,7 @@ class Tensor:
                     )
                 if pg.dtype != parent.dtype:  # mixed precision: grads match their tensor's dtype
                     pg = backend.astype(pg.dense() if isinstance(pg, ScatteredGrad) else pg, parent.dtype)
-                slots.add(id(parent), pg)
+                slots.add(id(parent), pg, kept_by_graph=retain_graph)
 
     def zero_grad(self) -> None:
         self.grad = None

@@ -5,10 +5,15 @@ import numpy as np
 import pytest
 
 from engine.backends import numpy_fused
-from kernels import gelu_ref, layernorm_ref, rmsnorm_ref, swiglu_ref
+from kernels import cross_entropy_ref, gelu_ref, layernorm_ref, rmsnorm_ref, swiglu_ref
 
-# more elements than one chunk on each of two threads, and a ragged last chunk
+# with 4096-element chunks: more elements than one chunk on each of two threads, and a ragged last chunk
 SHAPES = [(3, 5), (7, 9001), (40, 3 * 1024 + 5)]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(numpy_fused, "CHUNK", 4096)  # the real 2**18 would hold most shapes here in one chunk
 
 
 @pytest.fixture(params=["float32", "float64"])
@@ -78,3 +83,27 @@ def test_adamw_update_in_place(size, dtype):
     numpy_fused.adamw_update(p, g, m, v, *hyper)
     for ours, ref in zip((p, m, v), expected):
         assert_same_bits(ours, ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cross_entropy_rows(shape, dtype):
+    (logits,) = arrays(shape, dtype, 1)
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, shape[1], shape[0])
+    targets[::3] = -100
+    ours = numpy_fused.cross_entropy_forward(logits, targets)
+    ref = cross_entropy_ref.cross_entropy_forward(logits, targets)
+    for a, b in zip(ours, ref):
+        assert_same_bits(a, b)
+    dnll = rng.standard_normal(shape[0]).astype(dtype)
+    expected = cross_entropy_ref.cross_entropy_backward(dnll, logits, targets, *ref[1:])
+    assert_same_bits(numpy_fused.cross_entropy_backward(dnll, logits, targets, *ref[1:]), expected)
+    in_place = logits.copy()
+    assert numpy_fused.cross_entropy_backward(dnll, in_place, targets, *ref[1:], inplace=True) is in_place
+    assert_same_bits(in_place, expected)
+
+
+def test_cross_entropy_names_the_first_bad_target():
+    logits = np.zeros((5, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="target 9 out of range for 4 classes"):
+        numpy_fused.cross_entropy_forward(logits, np.array([0, 9, 1, 7, 2]))

@@ -123,9 +123,10 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
             np.exp(s, out=s)
             total = s.sum(axis=-1, keepdims=True)  # (n, bq, 1)
             lse[h0:h1, t0:t1] = (row_max + np.log(total))[..., 0]
-            s /= total  # probabilities
             keep = pb.keep(h0, h1, t0, t1, kend)
-            np.matmul(pb.dropped(s, keep), pb.v[h0:h1, :kend], out=o[h0:h1, t0:t1])
+            out = o[h0:h1, t0:t1]  # (n, bq, D)
+            np.matmul(pb.dropped(s, keep), pb.v[h0:h1, :kend], out=out)
+            out /= total  # softmax's division on the (bq, D) output, not on the (bq, kend) scores
 
     pb.split(body)
     return o.reshape(q.shape), lse.reshape(q.shape[:3])
