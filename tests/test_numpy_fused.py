@@ -1,6 +1,8 @@
 """The numpy backend's chunked, threaded kernels give the references' results bit for bit
 (LayerNorm's weight and bias gradients, summed per thread, to rounding)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,15 @@ def test_cross_entropy_names_the_first_bad_target():
     logits = np.zeros((5, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="target 9 out of range for 4 classes"):
         numpy_fused.cross_entropy_forward(logits, np.array([0, 9, 1, 7, 2]))
+
+
+def test_the_backend_turns_off_huge_pages_unless_the_user_chose():
+    import subprocess
+    import sys
+
+    code = "import engine.backends.numpy_backend, numpy as np; print(np._core.multiarray._get_madvise_hugepage())"
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    chosen = dict(env, NUMPY_MADVISE_HUGEPAGE="1")
+    outputs = [subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout
+               for e in (env, chosen)]
+    assert outputs == ["False\n", "True\n"]

@@ -3,31 +3,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from engine.backends import numpy_attention, numpy_fused, numpy_threads
+from engine.backends import numpy_attention, numpy_fused, numpy_memory, numpy_threads
 from engine.backends.base import Array, Axis, Backend, kernel_namespace
 from kernels import rope_ref
 
-
-def _no_huge_pages_for_fresh_arrays() -> None:
-    """Ask NumPy not to back new large arrays with transparent huge pages, unless the user set
-    NUMPY_MADVISE_HUGEPAGE.
-
-    NOTE: a training step allocates and frees gigabytes of arrays, and several are written
-    only in places (the embedding gradient: 512 rows of a (50257, 768) array). With huge
-    pages every touched row faults in and zeroes 2 MiB; on the 2-core VM a gpt2-small step
-    at 2x256 took 4.9 s with them and 3.6 s without (backward 2.6 s against 1.6 s)."""
-    setter = getattr(getattr(np, "_core", None), "multiarray", None)
-    setter = getattr(setter, "_set_madvise_hugepage", None)
-    if setter is not None and "NUMPY_MADVISE_HUGEPAGE" not in os.environ:
-        setter(False)
-
-
-_no_huge_pages_for_fresh_arrays()
+numpy_memory.tune_process_memory()  # see numpy_memory: fewer page faults per training step
 
 _DTYPES = {
     "float32": np.float32,
