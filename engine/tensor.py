@@ -38,7 +38,9 @@ def is_grad_enabled() -> bool:
 
 class Function:
     """One differentiable op. Subclasses implement ``forward(self, *arrays, **kw)`` and
-    ``backward(self, grad) -> tuple of input gradients`` (None where an input needs none).
+    ``backward(self, grad) -> tuple of input gradients`` (None where an input needs none, a
+    ``ScatteredGrad`` where most of one is zero). Unless the graph is retained, the arrays it
+    returns may be summed into in place afterwards.
 
     Arrays that backward needs are kept with ``save_for_backward`` so they can be freed
     once backward has used them.
