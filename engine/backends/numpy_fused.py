@@ -106,7 +106,10 @@ def squared_norm(a) -> float:
     sums: dict[int, float] = {}  # first element of a thread's part -> its sum
 
     def part(start, stop):
-        sums[start] = sum(float(np.dot(a1[lo:hi], a1[lo:hi])) for lo, hi in chunks(start, stop, CHUNK))
+        # NOTE: squares beyond float32's range give inf, which is the answer (the NaN/inf guard reads it);
+        # errstate is per thread, so it is set here
+        with np.errstate(over="ignore"):
+            sums[start] = sum(float(np.dot(a1[lo:hi], a1[lo:hi])) for lo, hi in chunks(start, stop, CHUNK))
 
     with one_blas_thread():  # the chunks are split among our threads already
         parallel_ranges(a1.size, part, min_per_thread=CHUNK)
