@@ -106,7 +106,8 @@ def add_start_model_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -
     g = parser.add_argument_group(f"start model (default: {recipe.start})")
     source = g.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH",
-                        help="our GPT checkpoint to start from (PATH.safetensors + PATH.json, e.g. from model.train)")
+                        help="our checkpoint to start from (PATH or PATH.safetensors, or a run directory: its latest), "
+                             "e.g. from model.train")
     add_hf_model_argument(source)
     source.add_argument("--hf-dir", metavar="DIR",
                         help="a local Hugging Face folder: GPT-2 (config.json + model.safetensors), Llama 3 or Qwen3 "
