@@ -9,7 +9,10 @@ phase (forward with the loss, backward, optimizer step), the peak resident memor
 timed steps, and the largest difference between the first losses (fp32 runs without
 dropout should agree to ~1e-4).
 
-* CPU: our numpy backend against torch eager on the CPU (torch's default thread count).
+* CPU: our numpy backend against torch eager on the CPU (torch's default thread count),
+  run as its users run it, and again with our backend's malloc settings
+  (`engine.backends.numpy_memory`: no large block gets a fresh mapping), which speed torch
+  up as well: the two rows show how much of our lead is that setting.
 * GPU: our triton backend against torch eager in fp32, torch eager with bf16 autocast
   (scaled_dot_product_attention picks its flash kernel), and torch.compile of the latter.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -32,6 +36,7 @@ import torch.nn.functional as torch_F
 
 import engine
 from bench.torch_gpt import from_state_dict
+from engine.backends import numpy_memory
 from model.config import PRESETS, get_config
 from model.data.datadir import DataFileNotFoundError, add_data_dir_argument, data_file
 from model.data.windows import DataLoader, SlidingWindowDataset
@@ -186,11 +191,28 @@ def run_provider(args: argparse.Namespace, provider: str) -> Result:
     del model
     if provider == "eager":
         return bench_torch("torch eager (fp32)", config, initial, batches, args.warmup, device)
+    if provider == "eager-our-malloc":
+        return bench_torch("torch eager (fp32, our malloc)", config, initial, batches, args.warmup, device)
     if provider == "eager-bf16":
         return bench_torch("torch eager (bf16 autocast, SDPA)", config, initial, batches, args.warmup, device,
                            bf16=True)
     return bench_torch(f"torch.compile ({'bf16 autocast' if cuda else 'fp32'})", config, initial, batches,
                        args.warmup, device, bf16=cuda, compile_model=True)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """os.environ with `values` set (for the processes started meanwhile), restored after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def make_config(args: argparse.Namespace):
@@ -255,12 +277,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"training bench: {args.preset} ({count_parameters(config):,} parameters), batch "
           f"{args.batch_size} x {config.context_length} = {tokens} tokens/step, AdamW, dropout {args.drop_rate}; "
           f"{args.warmup} warmup + {args.steps} timed steps, each provider in its own process; {where}\n")
-    providers = ["ours", "eager"] + (["eager-bf16"] if cuda else [])
+    providers = ["ours", "eager"] + (["eager-bf16"] if cuda else ["eager-our-malloc"])
     if args.compile if args.compile is not None else cuda:
         providers.append("compile")
     results = []
     for provider in providers:  # NOTE: a fresh process each, so peak memory is the provider's own
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        # torch's processes import our backend too (for the initial weights): keep its memory
+        # settings out of them unless the provider asks for them
+        untuned = provider != "ours" and provider != "eager-our-malloc"
+        with _environment({numpy_memory.OPT_OUT: "0"} if untuned else {}), \
+                ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
             results.append(pool.submit(run_provider, args, provider).result())
     print_table(results, tokens, args.drop_rate > 0)
 

@@ -325,17 +325,18 @@ class _LinearCrossEntropy(Function):
             logits = backend.matmul(xc, weight_t)  # (C, V)
             if bias is not None:
                 logits += bias
-            nll, row_max, log_sum = kernels.cross_entropy_forward(logits, tc, ignore_index)  # (C,) each
-            total = total + backend.sum(nll)
-            if want_dx or want_dw or want_db:
-                dnll = backend.full(tc.shape, 1.0 / n_valid, nll.dtype)  # (C,) d mean / d nll
-                dlogits = kernels.cross_entropy_backward(dnll, logits, tc, row_max, log_sum, ignore_index, True)
-                if want_dx:
-                    dx[start:stop] = backend.matmul(dlogits, weight)  # (C, E)
-                if want_dw:
-                    dw = _accumulate(dw, backend.matmul(backend.transpose(dlogits, (1, 0)), xc), acc_dtype)
-                if want_db:
-                    db = _accumulate(db, backend.sum(dlogits, axis=0), acc_dtype)
+            if not (want_dx or want_dw or want_db):
+                total = total + backend.sum(kernels.cross_entropy_forward(logits, tc, ignore_index)[0])
+                continue
+            dnll = backend.full(tc.shape, 1.0 / n_valid, acc_dtype)  # (C,) d mean / d nll
+            total = total + backend.sum(kernels.cross_entropy_loss_and_grad(logits, tc, dnll, ignore_index))
+            dlogits = logits  # (C, V): overwritten by the loss's gradient
+            if want_dx:
+                dx[start:stop] = backend.matmul(dlogits, weight)  # (C, E)
+            if want_dw:
+                dw = _accumulate(dw, backend.matmul(backend.transpose(dlogits, (1, 0)), xc), acc_dtype)
+            if want_db:
+                db = _accumulate(db, backend.sum(dlogits, axis=0), acc_dtype)
         if want_dw and dw is None:  # no rows at all
             dw = backend.zeros(weight.shape, acc_dtype)
         if want_db and db is None:

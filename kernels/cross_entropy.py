@@ -2,7 +2,7 @@
 
 Layers, top to bottom: the private Triton kernels (every argument commented with its
 shape), the host launchers ``cross_entropy_forward`` / ``cross_entropy_backward`` that
-check limits and pick block sizes, and ``sm90_compile_specs`` for the H100 compile check.
+check limits and pick block sizes (and ``cross_entropy_loss_and_grad``, the two in a row), and ``sm90_compile_specs`` for the H100 compile check.
 The NumPy twin these answer to is ``kernels/cross_entropy_ref.py`` (same names, same
 math, the formulas are in its docstring).
 
@@ -181,6 +181,16 @@ def cross_entropy_backward(dnll, logits, targets, row_max, log_sum, ignore_index
             ROWS=rows, BLOCK_V=block_v, num_warps=num_warps,
         )
     return dlogits
+
+
+def cross_entropy_loss_and_grad(logits, targets, dnll, ignore_index=-100):
+    """nll (N,) fp32, with dlogits = dnll · (softmax − onehot) written over the contiguous
+    ``logits``: the two kernels above, for a caller that knows dnll before the loss."""
+    if not logits.is_contiguous():
+        raise ValueError("cross_entropy_loss_and_grad: logits must be contiguous (their gradient is written there)")
+    nll, row_max, log_sum = cross_entropy_forward(logits, targets, ignore_index)
+    cross_entropy_backward(dnll, logits, targets, row_max, log_sum, ignore_index, inplace=True)
+    return nll
 
 
 # ----------------------------------------------------------------------------- compile check

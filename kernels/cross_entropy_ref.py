@@ -71,3 +71,14 @@ def cross_entropy_backward(
     out[rows, targets[rows]] -= 1.0
     out *= np.where(valid, dnll, 0).astype(logits.dtype, copy=False)[:, None]
     return out
+
+
+def cross_entropy_loss_and_grad(
+    logits: np.ndarray, targets: np.ndarray, dnll: np.ndarray, ignore_index: int = -100
+) -> np.ndarray:
+    """The forward and the in-place backward at once, for a caller that knows dnll (N,)
+    before the loss and needs the logits no more (a chunk of ``linear_cross_entropy``):
+    returns nll (N,) and leaves dlogits in ``logits``."""
+    nll, row_max, log_sum = cross_entropy_forward(logits, targets, ignore_index)
+    cross_entropy_backward(dnll, logits, targets, row_max, log_sum, ignore_index, inplace=True)
+    return nll

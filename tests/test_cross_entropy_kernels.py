@@ -98,6 +98,27 @@ def test_inplace_backward_overwrites_the_logits():
     assert torch.equal(out, expected)
 
 
+def test_loss_and_grad_is_forward_then_inplace_backward():
+    logits, targets, dnll = make_inputs(6, 50, torch.float32)
+    nll, *stats = tri.cross_entropy_forward(logits, targets, IGNORE)
+    expected = tri.cross_entropy_backward(dnll, logits, targets, *stats, IGNORE)
+    out = logits.clone()
+    assert torch.equal(tri.cross_entropy_loss_and_grad(out, targets, dnll, IGNORE), nll)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="logits must be contiguous"):
+        tri.cross_entropy_loss_and_grad(logits.t(), targets[:1].expand(50), dnll[:1].expand(50), IGNORE)
+
+
+def test_reference_loss_and_grad_is_forward_then_backward():
+    logits, targets, dnll = (to_numpy(a) for a in make_inputs(5, 9, torch.float32))
+    targets = targets.astype(np.int64)
+    nll, row_max, log_sum = ref.cross_entropy_forward(logits, targets, IGNORE)
+    expected = ref.cross_entropy_backward(dnll, logits, targets, row_max, log_sum, IGNORE)
+    out = logits.copy()
+    np.testing.assert_array_equal(ref.cross_entropy_loss_and_grad(out, targets, dnll, IGNORE), nll)
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_reference_matches_torch():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 11)) * 4

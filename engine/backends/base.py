@@ -38,6 +38,7 @@ KERNEL_OPS = (
     "attention_backward",
     "cross_entropy_forward",
     "cross_entropy_backward",
+    "cross_entropy_loss_and_grad",
 )
 
 

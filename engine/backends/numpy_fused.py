@@ -1,12 +1,12 @@
 """The numpy backend's elementwise and row-wise kernels: the references in ``kernels/``,
-run chunk by chunk on the backend's threads.
+run chunk by chunk on the backend's threads (GELU in an equal form of its own, see below).
 
 Each chunk (CHUNK elements) is small enough that the several temporaries a NumPy
 expression makes stay in the CPU's caches, so a formula of ten ufuncs reads and writes
 main memory about once instead of ten times; chunks are shared among the threads (NumPy
-releases the GIL inside each ufunc). Every element goes through the same operations in
-the same order as in the reference, so the results are bit for bit the reference's;
-only sums over rows (LayerNorm's and RMSNorm's weight and bias gradients) add per-thread
+releases the GIL inside each ufunc). Except for GELU, every element goes through the same
+operations in the same order as in the reference, so the results are bit for bit the
+reference's; only sums over rows (LayerNorm's and RMSNorm's weight and bias gradients) add per-thread
 partial sums.
 
 NOTE: a ufunc call costs about 1.7 us before it touches an element, under the GIL, so
@@ -37,13 +37,15 @@ def _over_elements(n: int, body) -> None:
     parallel_ranges(n, part, min_per_thread=CHUNK)
 
 
-def _over_rows(rows: int, width: int, body) -> None:
-    """body(lo, hi) over pieces of about CHUNK elements of a (rows, width) array."""
+def _over_rows(rows: int, width: int, body, scratch: int = 0, dtype=None) -> None:
+    """body(lo, hi, *buffers) over pieces of about CHUNK elements of a (rows, width) array;
+    each thread has its own ``scratch`` buffers of a piece's shape (hi − lo, width)."""
     per_piece = max(1, CHUNK // max(1, width))
 
     def part(start: int, stop: int) -> None:
+        buffers = [np.empty((min(per_piece, stop - start), width), dtype) for _ in range(scratch)]
         for lo, hi in chunks(start, stop, per_piece):
-            body(lo, hi)
+            body(lo, hi, *(b[: hi - lo] for b in buffers))
 
     parallel_ranges(rows, part, min_per_thread=per_piece)
 
@@ -117,49 +119,97 @@ def squared_norm(a) -> float:
 
 
 # --- GELU ---
+# NOTE: not the reference's formula. 0.5·(1 + tanh(u)) is exactly σ(2u), so gelu(x) = x·σ(z) with
+# z = 2u, and gelu'(x) = σ(z) + x·σ(z)·(1 − σ(z))·z'(x): one exp in place of tanh (np.tanh costs
+# 4-6.6 ns an element here, np.exp 2-2.5), no 1 + t or 1 − t² to cancel, and every step in place in
+# the chunk's buffers. It equals the reference to rounding (tests/test_numpy_fused.py); the Triton
+# kernel (kernels/gelu.py) uses the same form.
+_Z = 2 * gelu_ref.SQRT_2_OVER_PI  # z = _Z·(x + a·x³)
+GRAD_CLIP = 10.0  # beyond |x| = 10, σ(z) is 0 or 1 in float64 and x·σ(1 − σ)·z' below 1e-30
+
+
+def _exp_minus_z(x, e) -> None:
+    """e ← exp(−z(x)), in place."""
+    with np.errstate(over="ignore"):  # x³ or exp(−z) = inf for a huge |x| still gives σ = 0 or 1
+        np.multiply(x, x, out=e)
+        e *= gelu_ref.GELU_A
+        e += 1
+        e *= x
+        e *= -_Z
+        np.exp(e, out=e)
+
+
+def _gelu_piece(x, y) -> None:
+    """y ← x·σ(z(x)) = x / (1 + exp(−z))."""
+    _exp_minus_z(x, y)
+    y += 1
+    np.divide(x, y, out=y)
+
+
+def _gelu_grad_piece(dy, x, dx, xc, e) -> None:
+    """dx ← dy·(σ + x·σ(1 − σ)·z'), through the scratch buffers xc and e. 1 − σ is e·σ, not a
+    difference: near σ = 1 that would keep only float32's 6e-8 steps of it."""
+    np.clip(x, -GRAD_CLIP, GRAD_CLIP, out=xc)  # keeps exp(−z) finite, so σ(1 − σ) is never inf·0
+    _exp_minus_z(xc, e)
+    np.add(e, 1, out=dx)
+    np.reciprocal(dx, out=dx)  # σ
+    e *= dx
+    e *= dx  # σ(1 − σ)
+    e *= xc  # x·σ(1 − σ), x clipped: beyond the clip the true term is below 1e-30, not x·1e-37
+    np.multiply(xc, xc, out=xc)
+    xc *= 3 * gelu_ref.GELU_A
+    xc += 1
+    xc *= _Z  # z'
+    e *= xc
+    e += dx
+    np.multiply(e, dy, out=dx)
+
+
+def _rows(a, dtype):
+    """a as a contiguous (rows, last dim) array."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+
+
 def gelu_forward(x):
-    x1 = np.ascontiguousarray(x).reshape(-1)
-    out = np.empty_like(x1)
-
-    def body(lo, hi):
-        out[lo:hi] = gelu_ref.gelu_forward(x1[lo:hi])
-
-    _over_elements(x1.size, body)
-    return out.reshape(x.shape)
+    x2 = _rows(x, x.dtype)  # (rows, N)
+    y = np.empty_like(x2)
+    _over_rows(*x2.shape, lambda lo, hi: _gelu_piece(x2[lo:hi], y[lo:hi]))
+    return y.reshape(x.shape)
 
 
 def gelu_backward(dy, x):
-    x1 = np.ascontiguousarray(x).reshape(-1)
-    dy1 = np.ascontiguousarray(dy).reshape(-1)
-    dx = np.empty_like(x1)
+    x2, dy2 = _rows(x, x.dtype), _rows(dy, x.dtype)  # (rows, N) each
+    dx = np.empty_like(x2)
 
-    def body(lo, hi):
-        dx[lo:hi] = gelu_ref.gelu_backward(dy1[lo:hi], x1[lo:hi])
+    def body(lo, hi, xc, s):
+        _gelu_grad_piece(dy2[lo:hi], x2[lo:hi], dx[lo:hi], xc, s)
 
-    _over_elements(x1.size, body)
+    _over_rows(*x2.shape, body, scratch=2, dtype=x.dtype)
     return dx.reshape(x.shape)
 
 
 def bias_gelu_forward(x, bias):
-    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, N)
-    out = np.empty(x2.shape, dtype=x.dtype)
+    x2 = _rows(x, x.dtype)  # (rows, N)
+    y = np.empty_like(x2)
 
-    def body(lo, hi):
-        out[lo:hi] = gelu_ref.bias_gelu_forward(x2[lo:hi], bias)
+    def body(lo, hi, xb):
+        np.add(x2[lo:hi], bias, out=xb)
+        _gelu_piece(xb, y[lo:hi])
 
-    _over_rows(x2.shape[0], x2.shape[1], body)
-    return out.reshape(x.shape)
+    _over_rows(*x2.shape, body, scratch=1, dtype=x.dtype)
+    return y.reshape(x.shape)
 
 
 def bias_gelu_backward(dy, x, bias):
-    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, N)
-    dy2 = np.ascontiguousarray(dy).reshape(x2.shape)
-    dx = np.empty(x2.shape, dtype=x.dtype)
+    x2, dy2 = _rows(x, x.dtype), _rows(dy, x.dtype)  # (rows, N) each
+    dx = np.empty_like(x2)
 
-    def body(lo, hi):
-        dx[lo:hi] = gelu_ref.gelu_backward(dy2[lo:hi], x2[lo:hi] + bias)
+    def body(lo, hi, xb, xc, s):
+        np.add(x2[lo:hi], bias, out=xb)
+        _gelu_grad_piece(dy2[lo:hi], xb, dx[lo:hi], xc, s)
 
-    _over_rows(x2.shape[0], x2.shape[1], body)
+    _over_rows(*x2.shape, body, scratch=3, dtype=x.dtype)
     dbias = dx.sum(axis=0)  # (N,), summed as the reference does
     return dx.reshape(x.shape), dbias.astype(x.dtype)
 
@@ -281,3 +331,31 @@ def cross_entropy_backward(dnll, logits, targets, row_max, log_sum, ignore_index
 
     _over_rows(logits.shape[0], logits.shape[1], body)
     return out
+
+
+def cross_entropy_loss_and_grad(logits, targets, dnll, ignore_index=-100):
+    """The reference's forward and in-place backward with exp(x − m) computed once per
+    element instead of twice (exp is most of the cost: ~2 ns an element here, a subtraction
+    0.15): its row sum s gives the loss, and times dnll/s it is the gradient. nll has the
+    reference's bits; dlogits differs from it by rounding (e/s against exp(x − m − log s))."""
+    cross_entropy_ref._check(logits, targets, ignore_index)
+    n = logits.shape[0]
+    nll = np.empty(n, dtype=logits.dtype)
+    dnll = np.broadcast_to(np.asarray(dnll, dtype=logits.dtype), (n,))
+
+    def body(lo, hi):
+        x, t = logits[lo:hi], targets[lo:hi]  # (r, V) overwritten by its gradient, (r,)
+        valid = t != ignore_index  # (r,)
+        rows = np.arange(hi - lo)
+        row_max = x.max(axis=1)  # (r,)
+        target_shifted = x[rows, np.where(valid, t, 0)] - row_max  # (r,) before x is overwritten
+        x -= row_max[:, None]
+        np.exp(x, out=x)  # (r, V) exp(x − m)
+        row_sum = x.sum(axis=1)  # (r,)
+        nll[lo:hi] = np.where(valid, np.log(row_sum) - target_shifted, 0)
+        scale = np.where(valid, dnll[lo:hi], 0).astype(x.dtype, copy=False)  # (r,)
+        x *= (scale / row_sum)[:, None]  # softmax · dnll
+        x[rows[valid], t[valid]] -= scale[valid]
+
+    _over_rows(n, logits.shape[1], body)
+    return nll

@@ -8,12 +8,20 @@ so the backend asks, once, at import:
   only in places (the embedding gradient: 512 rows of a (50257, 768) array), and with huge
   pages each touched row faults in and zeroes 2 MiB. On the 2-core VM a gpt2-small step at
   2x256 took 4.9 s with them and 3.6 s without (backward 2.6 s against 1.6 s).
-* glibc's malloc to keep freed blocks of up to 32 MiB (its largest mmap threshold) for
-  reuse rather than hand them back to the kernel and fault them in again next step: minor
-  faults per 6-step run fell from 2.85M to 1.63M and system time from 12-13 s to 8-10 s.
+* glibc's malloc to serve every block from its heap and keep freed memory there for
+  reuse, rather than map large blocks afresh and hand them back to the kernel on free,
+  to fault them in again next step. By default a block over 32 MiB (the largest mmap
+  threshold glibc allows) is always a fresh mapping: a step's logits, gradients and
+  activations are, and on the 2-core VM a fresh 103 MB matmul output cost 25K faults and
+  45-80 ms more than a reused one. Keeping blocks up to 32 MiB took the faults of a
+  6-step gpt2-small run from 2.85M to 1.63M; keeping all of them took a mini step from
+  433K to 144K faults per 12-step run and its time by 15-30%.
 
 Each is skipped where the user set its environment variable (``NUMPY_MADVISE_HUGEPAGE``,
-``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) or the platform lacks it.
+``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) or the
+platform lacks it, and both where ``SCRATCHGPT_TUNE_MEMORY=0`` (a process that embeds the
+engine and wants its allocator left alone; ``bench.train`` runs torch so, as its users do).
+The price: the process's resident memory does not shrink after its peak.
 """
 
 from __future__ import annotations
@@ -24,8 +32,7 @@ import os
 
 import numpy as np
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-KEPT_BLOCK_BYTES = 32 * 2**20  # glibc caps the mmap threshold here on 64-bit
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
 
 
 def _no_huge_pages() -> None:
@@ -36,7 +43,7 @@ def _no_huge_pages() -> None:
 
 
 def _keep_freed_blocks() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    if any(f"MALLOC_{name}_" in os.environ for name in ("MMAP_MAX", "MMAP_THRESHOLD", "TRIM_THRESHOLD")):
         return
     name = ctypes.util.find_library("c")
     try:
@@ -44,11 +51,16 @@ def _keep_freed_blocks() -> None:
     except (OSError, AttributeError):  # not glibc (macOS, musl): its malloc keeps its own policy
         return
     if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, KEPT_BLOCK_BYTES)
-        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        mallopt(_M_MMAP_MAX, 0)  # no block gets a mapping of its own: all come from the heap
+        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # and freed memory stays in it
+
+
+OPT_OUT = "SCRATCHGPT_TUNE_MEMORY"  # "0": leave both settings as the process has them
 
 
 def tune_process_memory() -> None:
-    """Apply both settings (idempotent)."""
+    """Apply both settings (idempotent), unless ``SCRATCHGPT_TUNE_MEMORY=0``."""
+    if os.environ.get(OPT_OUT) == "0":
+        return
     _no_huge_pages()
     _keep_freed_blocks()
