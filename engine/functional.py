@@ -294,6 +294,14 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
 CHUNK_ELEMENTS = 3 * 2**24
 
 
+def balanced_chunk_rows(rows: int, most: int) -> int:
+    """Rows per chunk for `rows` rows in as few chunks of at most `most` rows as can hold them, all
+    about the same size: a small last chunk costs nearly a full one (its dW product still writes
+    all of (V, E)). On the 2-core CPU, 1024 rows as 1001 + 23 spent 100 ms on the 23."""
+    chunks = max(1, -(-rows // most))
+    return max(1, -(-rows // chunks))
+
+
 def _accumulate(total: Any, part: Any, dtype: Any) -> Any:
     """total + part in dtype, reusing total's buffer (part's, as total, on the first call)."""
     if total is None:
@@ -370,9 +378,10 @@ def linear_cross_entropy(
     """``cross_entropy(linear(x, weight, bias), targets, ignore_index)`` without the logits.
 
     x (..., E), weight (V, E), bias (V,), targets (...). Walks the N = prod(...) rows in
-    chunks of ``chunk_rows`` (default: as many as fit ``CHUNK_ELEMENTS`` logits): each
-    chunk's logits, loss and gradients are computed and the logits dropped, so the (N, V)
-    logits of the unfused path never exist; dx and dW accumulate over the chunks.
+    chunks of ``chunk_rows`` (default: equal chunks, as few as keep each within
+    ``CHUNK_ELEMENTS`` logits): each chunk's logits, loss and gradients are computed and the
+    logits dropped, so the (N, V) logits of the unfused path never exist; dx and dW
+    accumulate over the chunks.
     Casts like ``linear`` under ``engine.autocast``."""
     targets = as_tensor(targets)
     _check_targets("linear_cross_entropy", targets, x)
@@ -382,7 +391,7 @@ def linear_cross_entropy(
             f"{None if bias is None else tuple(bias.shape)} do not fit: expected (..., E), (V, E) and (V,)"
         )
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        chunk_rows = balanced_chunk_rows(math.prod(x.shape[:-1]), max(1, CHUNK_ELEMENTS // weight.shape[0]))
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     dtype = autocast_dtype()

@@ -2,7 +2,8 @@
 
 Layers, top to bottom: the private Triton kernels (every argument commented with its
 shape), the host launchers ``cross_entropy_forward`` / ``cross_entropy_backward`` that
-check limits and pick block sizes (and ``cross_entropy_loss_and_grad``, the two in a row), and ``sm90_compile_specs`` for the H100 compile check.
+check limits and pick block sizes (and ``cross_entropy_loss_and_grad``, the two in a
+row), and ``sm90_compile_specs`` for the H100 compile check.
 The NumPy twin these answer to is ``kernels/cross_entropy_ref.py`` (same names, same
 math, the formulas are in its docstring).
 

@@ -19,6 +19,8 @@ place in that stream, so forward and backward draw only the rows they work on.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from engine.backends.numpy_threads import one_blas_thread, parallel_ranges
@@ -38,14 +40,19 @@ def _keep_mask(seed: int, p: float, T: int, S: int, t0: int, t1: int, kend: int,
                h1: int) -> np.ndarray:
     """(h1 - h0, t1 - t0, kend) bool: rows t0..t1 and keys < kend of flat heads h0..h1 of the
     reference's keep-mask, drawn from the same stream."""
+    # NOTE: Generator.random(float32) makes each draw from the next 32 bits u of PCG64 as
+    # (u >> 8) · 2⁻²⁴, and the comparison is in float32, so draw >= p ⟺ u >= ceil(float32(p)·2²⁴)·2⁸:
+    # the raw bits give the same mask without making the floats (twice as fast). PCG64 makes
+    # one 64-bit output per two 32-bit draws, low half first: we jump to the pair holding
+    # `start` and drop the first draw when `start` is odd.
+    threshold = np.uint32(math.ceil(float(np.float32(p)) * 2**24) << 8)
     out = np.empty((h1 - h0, t1 - t0, kend), dtype=np.bool_)
+    n = (t1 - t0) * S
     for i, h in enumerate(range(h0, h1)):
-        start = (h * T + t0) * S  # position of (h, t0, 0) in the float32 stream
-        # NOTE: PCG64 makes one 64-bit output per two float32 draws (low half first), so we
-        # jump to the pair holding `start` and drop the first draw when `start` is odd.
-        bits = np.random.PCG64(seed).advance(start // 2)
-        draws = np.random.Generator(bits).random(start % 2 + (t1 - t0) * S, dtype=np.float32)[start % 2:]
-        np.greater_equal(draws.reshape(t1 - t0, S)[:, :kend], p, out=out[i])
+        start = (h * T + t0) * S  # position of (h, t0, 0) in the stream of 32-bit draws
+        bits = np.random.PCG64(seed).advance(start // 2).random_raw((start % 2 + n + 1) // 2)  # (pairs,) uint64
+        draws = bits.astype("<u8", copy=False).view("<u4")[start % 2: start % 2 + n]  # (n,) low halves first
+        np.greater_equal(draws.reshape(t1 - t0, S)[:, :kend], threshold, out=out[i])
     return out
 
 
@@ -61,10 +68,11 @@ class _Problem:
         # NOTE: the scale goes on q (T·D products) rather than on each block's scores (T·S)
         self.q = (q * q.dtype.type(scale)).reshape(B * H, T, D)  # (BH, T, D), scaled
         self.k, self.v = (np.ascontiguousarray(x).reshape(B * H, S, D) for x in (k, v))  # (BH, S, D)
+        # NOTE: dropout's 1 / (1 - p) goes on v (S·D values) rather than on each block's probabilities
+        self.v_kept = self.v / self.dtype.type(1.0 - dropout_p) if dropout_p else self.v  # (BH, S, D)
         self.B, self.H, self.T, self.S, self.D = B, H, T, S, D
         self.scale = self.dtype.type(scale)
         self.causal, self.dropout_p, self.seed = causal, dropout_p, seed
-        self.kept_fraction = self.dtype.type(1.0 - dropout_p)
         self.bq, self.group = _plan(T, S)
         # -inf above the diagonal of a block's last bq keys (the only keys it masks)
         self.upper = np.triu(np.full((self.bq, self.bq), -np.inf, dtype=self.dtype), 1)
@@ -88,12 +96,6 @@ class _Problem:
         if self.dropout_p == 0.0:
             return None
         return _keep_mask(self.seed, self.dropout_p, self.T, self.S, t0, t1, kend, h0, h1)
-
-    def dropped(self, x, keep):
-        """x with the dropped entries zeroed and the kept ones scaled by 1 / (1 - dropout_p)."""
-        if keep is None:
-            return x
-        return np.where(keep, x / self.kept_fraction, self.dtype.type(0.0))
 
     def split(self, body):
         """body(h0, h1) over groups of heads, the groups shared among the threads."""
@@ -124,8 +126,10 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
             total = s.sum(axis=-1, keepdims=True)  # (n, bq, 1)
             lse[h0:h1, t0:t1] = (row_max + np.log(total))[..., 0]
             keep = pb.keep(h0, h1, t0, t1, kend)
+            if keep is not None:
+                s *= keep  # the scale 1 / (1 - p) is in v_kept
             out = o[h0:h1, t0:t1]  # (n, bq, D)
-            np.matmul(pb.dropped(s, keep), pb.v[h0:h1, :kend], out=out)
+            np.matmul(s, pb.v_kept[h0:h1, :kend], out=out)
             out /= total  # softmax's division on the (bq, D) output, not on the (bq, kend) scores
 
     pb.split(body)
@@ -154,9 +158,11 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0
             np.exp(p, out=p)
             do_blk = do[h0:h1, t0:t1]  # (n, bq, D)
             keep = pb.keep(h0, h1, t0, t1, kend)
-            dv[h0:h1, :kend] += np.matmul(pb.dropped(p, keep).swapaxes(-1, -2), do_blk)
-            dp = np.matmul(do_blk, pb.v[h0:h1, :kend].swapaxes(-1, -2))  # (n, bq, kend)
-            dp = pb.dropped(dp, keep)
+            p_kept = p if keep is None else p * keep  # (n, bq, kend); 1 / (1 - p) is applied to dv below
+            dv[h0:h1, :kend] += np.matmul(p_kept.swapaxes(-1, -2), do_blk)
+            dp = np.matmul(do_blk, pb.v_kept[h0:h1, :kend].swapaxes(-1, -2))  # (n, bq, kend)
+            if keep is not None:
+                dp *= keep
             dp -= delta[h0:h1, t0:t1]
             dp *= p  # dS
             np.matmul(dp, pb.k[h0:h1, :kend], out=dq[h0:h1, t0:t1])  # dS K, scaled below
@@ -164,5 +170,7 @@ def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0
 
     pb.split(body)
     dq *= pb.scale
+    if dropout_p:
+        dv *= pb.dtype.type(1.0 / (1.0 - dropout_p))
     dk, dv = (sum_kv_groups(x.reshape(k.shape), n_kv_heads) for x in (dk, dv))  # (B, Hkv, S, D)
     return dq.reshape(q.shape), dk, dv
