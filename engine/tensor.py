@@ -55,6 +55,13 @@ class Function:
     def save_for_backward(self, *arrays: Any) -> None:
         self.saved = arrays
 
+    def release(self) -> None:
+        """Drop everything backward used: the saved arrays, any state a subclass kept, and the
+        inputs, whose arrays a finished pass (or a loss kept until the next step) would
+        otherwise hold on to. A second backward through it raises."""
+        vars(self).clear()
+        self.parents, self.saved, self.freed = (), (), True
+
     def forward(self, *arrays: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
 
@@ -279,7 +286,11 @@ class Tensor:
                 raise ValueError(f"backward(): grad has shape {tuple(grad.shape)}, expected {self.shape}")
 
         slots = _GradSlots(backend, id(self), grad)
-        for node in reversed(_topological_order(self)):
+        order = _topological_order(self)
+        while order:
+            # NOTE: popped, not iterated, and each op released once used: an intermediate
+            # tensor is freed as soon as the pass is past it, not when the loss is dropped
+            node = order.pop()  # last first: each node after every node that uses it
             g = slots.pop(id(node))
             fn = node._fn
             if fn is None:  # a leaf
@@ -298,10 +309,10 @@ class Tensor:
                     "call backward(retain_graph=True) the first time to go through it twice"
                 )
             input_grads = fn.backward(g)
+            parents = fn.parents
             if not retain_graph:
-                fn.saved = ()
-                fn.freed = True
-            for parent, pg in zip(fn.parents, input_grads):
+                fn.release()
+            for parent, pg in zip(parents, input_grads):
                 if pg is None or not parent.requires_grad:
                     continue
                 if tuple(pg.shape) != parent.shape:

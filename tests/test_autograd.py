@@ -51,6 +51,28 @@ def test_saved_arrays_are_released_after_backward():
     assert y._fn.saved == () and y._fn.freed
 
 
+@pytest.mark.parametrize("retain_graph", [False, True])
+def test_backward_frees_the_intermediate_arrays_while_the_loss_lives(retain_graph):
+    """A training loop keeps its loss until the next step's forward: the finished pass must not
+    keep the step's activations alive through it (a retained graph must)."""
+    import weakref
+
+    x = engine.tensor(np.ones((4, 4)), requires_grad=True)
+    probes = []
+
+    def forward():
+        h = (x * 2).exp()  # intermediates only the graph holds
+        probes.extend(weakref.ref(t.data) for t in (h, h._fn.parents[0]))
+        return (h * h).sum()
+
+    loss = forward()
+    assert all(p() is not None for p in probes)
+    loss.backward(retain_graph=retain_graph)
+    assert [p() is None for p in probes] == [not retain_graph] * 2
+    np.testing.assert_allclose(x.grad, 4 * np.exp(4.0), rtol=1e-6)
+    assert loss.item() == pytest.approx(16 * np.exp(4.0), rel=1e-6)
+
+
 def test_backward_on_non_scalar_needs_a_gradient():
     x = engine.tensor(np.ones((2, 3)), requires_grad=True)
     with pytest.raises(RuntimeError, match=r"one-element tensor.*\(2, 3\)"):
