@@ -283,10 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for provider in providers:  # NOTE: a fresh process each, so peak memory is the provider's own
         # torch's processes import our backend too (for the initial weights): keep its memory
-        # settings out of them unless the provider asks for them
-        untuned = provider != "ours" and provider != "eager-our-malloc"
-        with _environment({numpy_memory.OPT_OUT: "0"} if untuned else {}), \
-                ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        # settings out of them unless the provider is named for them
+        opt_out = {"ours": None, "eager-our-malloc": "1"}.get(provider, "0")
+        tuning = {} if opt_out is None else {numpy_memory.OPT_OUT: opt_out}
+        with _environment(tuning), ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
             results.append(pool.submit(run_provider, args, provider).result())
     print_table(results, tokens, args.drop_rate > 0)
 

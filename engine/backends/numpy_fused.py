@@ -4,10 +4,10 @@ run chunk by chunk on the backend's threads (GELU in an equal form of its own, s
 Each chunk (CHUNK elements) is small enough that the several temporaries a NumPy
 expression makes stay in the CPU's caches, so a formula of ten ufuncs reads and writes
 main memory about once instead of ten times; chunks are shared among the threads (NumPy
-releases the GIL inside each ufunc). Except for GELU, every element goes through the same
-operations in the same order as in the reference, so the results are bit for bit the
-reference's; only sums over rows (LayerNorm's and RMSNorm's weight and bias gradients) add per-thread
-partial sums.
+releases the GIL inside each ufunc). Except in GELU and ``cross_entropy_loss_and_grad``,
+every element goes through the same operations in the same order as in the reference, so
+the results are bit for bit the reference's; only sums over rows (LayerNorm's and
+RMSNorm's weight and bias gradients) add per-thread partial sums.
 
 NOTE: a ufunc call costs about 1.7 us before it touches an element, under the GIL, so
 chunks must be large: on the 2-core VM, AdamW over 162M parameters took 680-800 ms in

@@ -11,9 +11,9 @@ so the backend asks, once, at import:
 * glibc's malloc to serve every block from its heap and keep freed memory there for
   reuse, rather than map large blocks afresh and hand them back to the kernel on free,
   to fault them in again next step. By default a block over 32 MiB (the largest mmap
-  threshold glibc allows) is always a fresh mapping: a step's logits, gradients and
-  activations are, and on the 2-core VM a fresh 103 MB matmul output cost 25K faults and
-  45-80 ms more than a reused one. Keeping blocks up to 32 MiB took the faults of a
+  threshold glibc allows) is always a fresh mapping, as a step's logits and its LM head and
+  embedding gradients are; on the 2-core VM a fresh 103 MB matmul output cost 25K faults
+  and 45-80 ms more than a reused one. Keeping blocks up to 32 MiB took the faults of a
   6-step gpt2-small run from 2.85M to 1.63M; keeping all of them took a mini step from
   433K to 144K faults per 12-step run and its time by 15-30%.
 
