@@ -165,8 +165,8 @@ def _gelu_grad_piece(dy, x, dx, xc, e) -> None:
     np.multiply(e, dy, out=dx)
 
 
-def _rows(a, dtype):
-    """a as a contiguous (rows, last dim) array."""
+def _rows(a, dtype=None):
+    """a as a contiguous (rows, last dim) array (in ``dtype`` if given)."""
     a = np.ascontiguousarray(a, dtype=dtype)
     return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
 
@@ -239,7 +239,7 @@ def swiglu_backward(dy, gate, up):
 
 # --- LayerNorm ---
 def layer_norm_forward(x, weight, bias, eps=1e-5):
-    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, N)
+    x2 = _rows(x)  # (rows, N)
     y = np.empty(x2.shape, dtype=x.dtype)
     mean = np.empty(x2.shape[0], dtype=x.dtype)
     rstd = np.empty(x2.shape[0], dtype=x.dtype)
@@ -253,8 +253,7 @@ def layer_norm_forward(x, weight, bias, eps=1e-5):
 
 def layer_norm_backward(dy, x, weight, mean, rstd):
     n = x.shape[-1]
-    x2 = np.ascontiguousarray(x).reshape(-1, n)  # (rows, N)
-    dy2 = np.ascontiguousarray(dy).reshape(x2.shape)
+    x2, dy2 = _rows(x), _rows(dy)  # (rows, N) each
     mean1, rstd1 = mean.reshape(-1), rstd.reshape(-1)
     dx = np.empty(x2.shape, dtype=x.dtype)
     sums: dict[int, np.ndarray] = {}  # first row of a thread's part -> its (dweight, dbias) sums
@@ -274,7 +273,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
 
 # --- RMSNorm ---
 def rms_norm_forward(x, weight, eps=1e-6):
-    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, N)
+    x2 = _rows(x)  # (rows, N)
     y = np.empty(x2.shape, dtype=x.dtype)
     rstd = np.empty(x2.shape[0], dtype=x.dtype)
 
@@ -287,8 +286,7 @@ def rms_norm_forward(x, weight, eps=1e-6):
 
 def rms_norm_backward(dy, x, weight, rstd):
     n = x.shape[-1]
-    x2 = np.ascontiguousarray(x).reshape(-1, n)  # (rows, N)
-    dy2 = np.ascontiguousarray(dy).reshape(x2.shape)
+    x2, dy2 = _rows(x), _rows(dy)  # (rows, N) each
     rstd1 = rstd.reshape(-1)
     dx = np.empty(x2.shape, dtype=x.dtype)
     sums: dict[int, np.ndarray] = {}  # first row of a thread's part -> its dweight sum
