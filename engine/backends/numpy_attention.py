@@ -5,12 +5,14 @@ Queries go in blocks of rows. A causal block multiplies only against the keys it
 see (the masked half is never computed), takes its softmax there, and keeps one
 log-sum-exp per row; backward recomputes each block's probabilities from that lse
 instead of keeping a (T, S) matrix. Heads are split across the backend's threads, one
-BLAS thread each.
+BLAS thread each; each group of heads copies its q, k, v (usually strided views of the
+model's qkv projection) into small contiguous arrays on the thread that works on it.
 
 Shapes: q (B, H, T, D); k, v (B, Hkv, S, D); o (B, H, T, D); lse (B, H, T). The causal
 mask is bottom-right aligned as in the reference: row i sees key j iff j <= i + (S - T).
-Grouped-query K/V heads (Hkv < H) are repeated to H heads on entry and their gradients
-summed per group on exit, as the reference does (the Triton kernels never repeat them).
+With grouped-query K/V heads (Hkv < H) each group of query heads copies the K/V heads it
+reads (never all of them repeated to H heads); their gradients are kept per query head
+and summed per K/V head on exit, as the reference does.
 
 The dropout keep-mask is the reference's draw, ``default_rng(seed).random((B, H, T, S),
 float32) >= p``, produced block by block: each block jumps the generator to its own
@@ -24,7 +26,7 @@ import math
 import numpy as np
 
 from engine.backends.numpy_threads import one_blas_thread, parallel_ranges
-from kernels.attention_ref import _check_inputs, repeat_kv_heads, sum_kv_groups
+from kernels.attention_ref import _check_inputs, sum_kv_groups
 
 BLOCK_ROWS = 128  # query rows per block: the diagonal block computes bq²/2 masked scores it discards
 GROUP_FLOATS = 1 << 17  # scores per group of heads worked on together (512 KiB in float32: cache-sized)
@@ -57,21 +59,18 @@ def _keep_mask(seed: int, p: float, T: int, S: int, t0: int, t1: int, kend: int,
 
 
 class _Problem:
-    """Flattened (B·H, T, D) views and the constants every block needs."""
+    """The inputs as given (any strides) and the constants every block needs. Each group of
+    heads takes its own contiguous copies (``take``), on the thread that works on it."""
 
     def __init__(self, q, k, v, scale, causal, dropout_p, seed):
         B, H, T, S, D = _check_inputs(q, k, v, causal, None, 0.0)
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
         self.dtype = q.dtype
-        scale = 1.0 / np.sqrt(D) if scale is None else scale
-        # NOTE: the scale goes on q (T·D products) rather than on each block's scores (T·S)
-        self.q = (q * q.dtype.type(scale)).reshape(B * H, T, D)  # (BH, T, D), scaled
-        self.k, self.v = (np.ascontiguousarray(x).reshape(B * H, S, D) for x in (k, v))  # (BH, S, D)
-        # NOTE: dropout's 1 / (1 - p) goes on v (S·D values) rather than on each block's probabilities
-        self.v_kept = self.v / self.dtype.type(1.0 - dropout_p) if dropout_p else self.v  # (BH, S, D)
+        self.q, self.k, self.v = q, k, v  # (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, D)
+        self.per_kv = H // k.shape[1]  # query heads per K/V head
         self.B, self.H, self.T, self.S, self.D = B, H, T, S, D
-        self.scale = self.dtype.type(scale)
+        self.scale = self.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
         self.causal, self.dropout_p, self.seed = causal, dropout_p, seed
         self.bq, self.group = _plan(T, S)
         # -inf above the diagonal of a block's last bq keys (the only keys it masks)
@@ -83,9 +82,28 @@ class _Problem:
             t1 = min(t0 + self.bq, self.T)
             yield t0, t1, (t1 + self.S - self.T) if self.causal else self.S
 
-    def scores(self, h0, h1, t0, t1, kend):
-        """scale · q kᵀ of one block, masked: (heads, t1 - t0, kend)."""
-        s = np.matmul(self.q[h0:h1, t0:t1], self.k[h0:h1, :kend].swapaxes(-1, -2))  # (n, bq, kend)
+    def heads(self, x, h0, h1, kv=False):
+        """Flat heads h0..h1 (within one batch row) of x (B, H or Hkv, L, D) as a contiguous
+        (h1 - h0, L, D) copy; for K/V, each query head's shared K/V head (GQA: not repeated up front)."""
+        b, j0, j1 = h0 // self.H, h0 % self.H, h0 % self.H + (h1 - h0)
+        if kv and self.per_kv > 1:
+            return x[b, np.arange(j0, j1) // self.per_kv]  # fancy indexing: a new C-ordered array
+        return np.ascontiguousarray(x[b, j0:j1], dtype=self.dtype)
+
+    def take(self, h0, h1):
+        """(scale · q, k, v) of flat heads h0..h1, contiguous. The scale goes on q (T·D products)
+        rather than on each block's scores (T·S); dropout's 1 / (1 - p) goes on v (S·D values)
+        rather than on each block's probabilities."""
+        b, j0 = h0 // self.H, h0 % self.H
+        q = np.multiply(self.q[b, j0:j0 + h1 - h0], self.scale, out=np.empty((h1 - h0, self.T, self.D), self.dtype))
+        k, v = self.heads(self.k, h0, h1, kv=True), self.heads(self.v, h0, h1, kv=True)
+        if self.dropout_p:
+            v = v / self.dtype.type(1.0 - self.dropout_p)
+        return q, k, v  # (n, T, D), (n, S, D), (n, S, D)
+
+    def scores(self, q, k, t0, t1, kend):
+        """scale · q kᵀ of one block of a group's heads (q scaled already), masked: (n, t1 - t0, kend)."""
+        s = np.matmul(q[:, t0:t1], k[:, :kend].swapaxes(-1, -2))  # (n, bq, kend)
         if self.causal:
             rows = t1 - t0
             s[:, :, kend - rows:] += self.upper[:rows, :rows]
@@ -98,28 +116,29 @@ class _Problem:
         return _keep_mask(self.seed, self.dropout_p, self.T, self.S, t0, t1, kend, h0, h1)
 
     def split(self, body):
-        """body(h0, h1) over groups of heads, the groups shared among the threads."""
-        n = self.B * self.H
-
+        """body(h0, h1) over groups of flat heads, none spanning two batch rows, the groups
+        shared among the threads."""
         def part(lo, hi):
-            for h0 in range(lo, hi, self.group):
-                body(h0, min(h0 + self.group, hi))
+            h0 = lo
+            while h0 < hi:
+                h1 = min(h0 + self.group, hi, (h0 // self.H + 1) * self.H)
+                body(h0, h1)
+                h0 = h1
 
         with one_blas_thread():
-            parallel_ranges(n, part)
+            parallel_ranges(self.B * self.H, part)
 
 
 def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
     """o = dropout(softmax(scale · q kᵀ + mask)) v and the rows' lse; see the module docstring."""
-    _check_inputs(q, k, v, causal, None, 0.0)
-    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])  # (B, H, S, D)
     pb = _Problem(q, k, v, scale, causal, dropout_p, seed)
-    o = np.empty_like(pb.q)  # (BH, T, D)
-    lse = np.empty(pb.q.shape[:2], dtype=pb.dtype)  # (BH, T)
+    o = np.empty((pb.B * pb.H, pb.T, pb.D), dtype=pb.dtype)  # (BH, T, D)
+    lse = np.empty((pb.B * pb.H, pb.T), dtype=pb.dtype)  # (BH, T)
 
     def body(h0, h1):
+        qg, kg, vg = pb.take(h0, h1)  # (n, T, D), (n, S, D), (n, S, D)
         for t0, t1, kend in pb.blocks():
-            s = pb.scores(h0, h1, t0, t1, kend)  # (n, bq, kend)
+            s = pb.scores(qg, kg, t0, t1, kend)  # (n, bq, kend)
             row_max = s.max(axis=-1, keepdims=True)  # (n, bq, 1): finite, every row sees a key
             s -= row_max
             np.exp(s, out=s)
@@ -127,9 +146,9 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
             lse[h0:h1, t0:t1] = (row_max + np.log(total))[..., 0]
             keep = pb.keep(h0, h1, t0, t1, kend)
             if keep is not None:
-                s *= keep  # the scale 1 / (1 - p) is in v_kept
+                s *= keep  # the scale 1 / (1 - p) is in vg
             out = o[h0:h1, t0:t1]  # (n, bq, D)
-            np.matmul(s, pb.v_kept[h0:h1, :kend], out=out)
+            np.matmul(s, vg[:, :kend], out=out)
             out /= total  # softmax's division on the (bq, D) output, not on the (bq, kend) scores
 
     pb.split(body)
@@ -139,38 +158,36 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
 def attention_backward(do, q, k, v, o, lse, scale=None, causal=True, dropout_p=0.0, seed=0):
     """(dq, dk, dv) of attention_forward, each block's probabilities recomputed from lse
     (the formulas are in kernels/attention_ref.attention_backward)."""
-    _check_inputs(q, k, v, causal, None, 0.0)
-    n_kv_heads = k.shape[1]
-    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])  # (B, H, S, D)
     pb = _Problem(q, k, v, scale, causal, dropout_p, seed)
-    flat = (pb.B * pb.H, pb.T)
-    do = np.ascontiguousarray(do, dtype=pb.dtype).reshape(flat + (pb.D,))  # (BH, T, D)
-    lse = np.asarray(lse, dtype=pb.dtype).reshape(flat + (1,))  # (BH, T, 1)
-    delta = np.einsum("ntd,ntd->nt", do, np.asarray(o, dtype=pb.dtype).reshape(do.shape))[..., None]  # (BH, T, 1)
-    dq = np.empty_like(pb.q)  # (BH, T, D)
-    dk = np.zeros_like(pb.k)  # (BH, S, D)
-    dv = np.zeros_like(pb.v)  # (BH, S, D)
+    lse = np.asarray(lse, dtype=pb.dtype).reshape(pb.B * pb.H, pb.T, 1)  # (BH, T, 1)
+    dq = np.empty((pb.B * pb.H, pb.T, pb.D), dtype=pb.dtype)  # (BH, T, D)
+    dk = np.zeros((pb.B * pb.H, pb.S, pb.D), dtype=pb.dtype)  # (BH, S, D), per query head
+    dv = np.zeros_like(dk)  # (BH, S, D), per query head
 
     def body(h0, h1):
+        qg, kg, vg = pb.take(h0, h1)  # (n, T, D), (n, S, D), (n, S, D)
+        do_g = pb.heads(do, h0, h1)  # (n, T, D)
+        delta = np.einsum("ntd,ntd->nt", do_g, pb.heads(o, h0, h1))[..., None]  # (n, T, 1)
         for t0, t1, kend in pb.blocks():
-            p = pb.scores(h0, h1, t0, t1, kend)  # (n, bq, kend)
+            p = pb.scores(qg, kg, t0, t1, kend)  # (n, bq, kend)
             p -= lse[h0:h1, t0:t1]
             np.exp(p, out=p)
-            do_blk = do[h0:h1, t0:t1]  # (n, bq, D)
+            do_blk = do_g[:, t0:t1]  # (n, bq, D)
             keep = pb.keep(h0, h1, t0, t1, kend)
             p_kept = p if keep is None else p * keep  # (n, bq, kend); 1 / (1 - p) is applied to dv below
             dv[h0:h1, :kend] += np.matmul(p_kept.swapaxes(-1, -2), do_blk)
-            dp = np.matmul(do_blk, pb.v_kept[h0:h1, :kend].swapaxes(-1, -2))  # (n, bq, kend)
+            dp = np.matmul(do_blk, vg[:, :kend].swapaxes(-1, -2))  # (n, bq, kend)
             if keep is not None:
                 dp *= keep
-            dp -= delta[h0:h1, t0:t1]
+            dp -= delta[:, t0:t1]
             dp *= p  # dS
-            np.matmul(dp, pb.k[h0:h1, :kend], out=dq[h0:h1, t0:t1])  # dS K, scaled below
-            dk[h0:h1, :kend] += np.matmul(dp.swapaxes(-1, -2), pb.q[h0:h1, t0:t1])  # dSᵀ (scale · Q)
+            np.matmul(dp, kg[:, :kend], out=dq[h0:h1, t0:t1])  # dS K, scaled below
+            dk[h0:h1, :kend] += np.matmul(dp.swapaxes(-1, -2), qg[:, t0:t1])  # dSᵀ (scale · Q)
+        dq[h0:h1] *= pb.scale
+        if dropout_p:
+            dv[h0:h1] *= pb.dtype.type(1.0 / (1.0 - dropout_p))
 
     pb.split(body)
-    dq *= pb.scale
-    if dropout_p:
-        dv *= pb.dtype.type(1.0 / (1.0 - dropout_p))
-    dk, dv = (sum_kv_groups(x.reshape(k.shape), n_kv_heads) for x in (dk, dv))  # (B, Hkv, S, D)
+    shape = (pb.B, pb.H, pb.S, pb.D)
+    dk, dv = (sum_kv_groups(x.reshape(shape), k.shape[1]) for x in (dk, dv))  # (B, Hkv, S, D)
     return dq.reshape(q.shape), dk, dv

@@ -25,6 +25,9 @@ from engine.backends.numpy_threads import chunks, one_blas_thread, parallel_rang
 from kernels import cross_entropy_ref, gelu_ref, layernorm_ref, rmsnorm_ref, swiglu_ref
 
 CHUNK = 2**18  # elements per piece: 1 MiB of float32 per temporary (see the NOTE above)
+# NOTE: a thread takes a part only if it holds this many elements: a hand-off costs ~0.1 ms, and
+# parts of a whole CHUNK kept a (512, 768) LayerNorm (the book's 2x256 batch) on one core
+MIN_PER_THREAD = 2**16
 
 
 def _over_elements(n: int, body) -> None:
@@ -34,7 +37,7 @@ def _over_elements(n: int, body) -> None:
         for lo, hi in chunks(start, stop, CHUNK):
             body(lo, hi)
 
-    parallel_ranges(n, part, min_per_thread=CHUNK)
+    parallel_ranges(n, part, min_per_thread=MIN_PER_THREAD)
 
 
 def _over_rows(rows: int, width: int, body, scratch: int = 0, dtype=None) -> None:
@@ -47,7 +50,7 @@ def _over_rows(rows: int, width: int, body, scratch: int = 0, dtype=None) -> Non
         for lo, hi in chunks(start, stop, per_piece):
             body(lo, hi, *(b[: hi - lo] for b in buffers))
 
-    parallel_ranges(rows, part, min_per_thread=per_piece)
+    parallel_ranges(rows, part, min_per_thread=max(1, MIN_PER_THREAD // max(1, width)))
 
 
 # --- AdamW ---
@@ -84,7 +87,7 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2_s
         for lo, hi in chunks(start, stop, CHUNK):
             _adamw_piece(p1[lo:hi], g1[lo:hi], m1[lo:hi], v1[lo:hi], tmp[: hi - lo], *hyper)
 
-    parallel_ranges(p1.size, body, min_per_thread=CHUNK)
+    parallel_ranges(p1.size, body, min_per_thread=MIN_PER_THREAD)
 
 
 # --- gradient accumulation and norm ---
@@ -114,7 +117,7 @@ def squared_norm(a) -> float:
             sums[start] = sum(float(np.dot(a1[lo:hi], a1[lo:hi])) for lo, hi in chunks(start, stop, CHUNK))
 
     with one_blas_thread():  # the chunks are split among our threads already
-        parallel_ranges(a1.size, part, min_per_thread=CHUNK)
+        parallel_ranges(a1.size, part, min_per_thread=MIN_PER_THREAD)
     return sum(sums[start] for start in sorted(sums))  # a fixed order: the same bits every run
 
 
@@ -266,7 +269,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
             total[0] += dw
             total[1] += db
 
-    parallel_ranges(x2.shape[0], part, min_per_thread=max(1, CHUNK // n))
+    parallel_ranges(x2.shape[0], part, min_per_thread=max(1, MIN_PER_THREAD // n))
     dweight, dbias = sum(sums[start] for start in sorted(sums))  # a fixed order: the same bits every run
     return dx.reshape(x.shape), dweight, dbias
 
@@ -297,7 +300,7 @@ def rms_norm_backward(dy, x, weight, rstd):
             dx[lo:hi], dw = rmsnorm_ref.rms_norm_backward(dy2[lo:hi], x2[lo:hi], weight, rstd1[lo:hi])
             total += dw
 
-    parallel_ranges(x2.shape[0], part, min_per_thread=max(1, CHUNK // n))
+    parallel_ranges(x2.shape[0], part, min_per_thread=max(1, MIN_PER_THREAD // n))
     dweight = sum(sums[start] for start in sorted(sums)) if sums else np.zeros(n, dtype=weight.dtype)
     return dx.reshape(x.shape), dweight
 

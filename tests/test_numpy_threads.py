@@ -1,0 +1,76 @@
+"""The numpy backend's threads: ranges split exactly, BLAS held to one thread and given back,
+products equal to NumPy's, and work of a training step's size shared among the threads."""
+
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+from engine.backends import numpy_fused, numpy_threads
+
+
+def blas_threads() -> list[int]:
+    """Thread counts of NumPy's BLAS (torch, once imported, brings a BLAS of its own)."""
+    numpy_blas = {lib.filepath for lib in numpy_threads._blas}
+    return [lib["num_threads"] for lib in threadpool_info() if lib["filepath"] in numpy_blas]
+
+
+def test_one_blas_thread_limits_blas_and_gives_the_count_back_even_on_error():
+    before = blas_threads()
+    assert before, "NumPy's BLAS not found"
+    with numpy_threads.one_blas_thread():
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+    with pytest.raises(RuntimeError), numpy_threads.one_blas_thread():
+        raise RuntimeError("inside")
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize("n, min_per_thread", [(0, 1), (1, 1), (7, 1), (1000, 1), (1000, 600)])
+def test_parallel_ranges_covers_each_index_once(n, min_per_thread):
+    seen = np.zeros(n, dtype=np.int64)
+    lock = threading.Lock()
+
+    def body(lo, hi):
+        with lock:
+            seen[lo:hi] += 1
+
+    numpy_threads.parallel_ranges(n, body, min_per_thread)
+    assert (seen == 1).all()
+
+
+def test_parallel_ranges_reraises_a_worker_error():
+    def body(lo, hi):
+        if lo > 0:
+            raise ValueError(f"part {lo}")
+
+    if numpy_threads.THREADS == 1:
+        pytest.skip("one thread: no worker to fail")
+    with pytest.raises(ValueError, match="part"):
+        numpy_threads.parallel_ranges(100, body)
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_matmul_equals_numpy(transpose_b):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 70), dtype=np.float32)
+    b = rng.standard_normal((90, 70), dtype=np.float32).T if transpose_b else rng.standard_normal((70, 90),
+                                                                                                   dtype=np.float32)
+    np.testing.assert_allclose(numpy_threads.matmul(a, b), a @ b, rtol=1e-5, atol=1e-5)
+    stack = rng.standard_normal((6, 40, 70), dtype=np.float32)
+    np.testing.assert_allclose(numpy_threads.batched_matmul(stack, stack.swapaxes(-1, -2)),
+                               stack @ stack.swapaxes(-1, -2), rtol=1e-5, atol=1e-5)
+
+
+def test_a_layernorm_of_the_books_batch_uses_every_thread():
+    """(512, 768): a 2x256 gpt2-small batch, less than one CHUNK of elements per thread."""
+    if numpy_threads.THREADS == 1:
+        pytest.skip("one thread")
+    names = set()
+
+    def body(lo, hi):
+        names.add(threading.current_thread().name)
+
+    numpy_fused._over_rows(512, 768, body)
+    assert len(names) == min(numpy_threads.THREADS, 512 * 768 // numpy_fused.MIN_PER_THREAD)
