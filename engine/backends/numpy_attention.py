@@ -82,20 +82,25 @@ class _Problem:
             t1 = min(t0 + self.bq, self.T)
             yield t0, t1, (t1 + self.S - self.T) if self.causal else self.S
 
+    def _where(self, h0, h1):
+        """(batch row, head slice) of flat heads h0..h1, which lie in one batch row."""
+        j0 = h0 % self.H
+        return h0 // self.H, slice(j0, j0 + h1 - h0)
+
     def heads(self, x, h0, h1, kv=False):
-        """Flat heads h0..h1 (within one batch row) of x (B, H or Hkv, L, D) as a contiguous
-        (h1 - h0, L, D) copy; for K/V, each query head's shared K/V head (GQA: not repeated up front)."""
-        b, j0, j1 = h0 // self.H, h0 % self.H, h0 % self.H + (h1 - h0)
+        """Flat heads h0..h1 of x (B, H or Hkv, L, D) as a contiguous (h1 - h0, L, D) copy; for
+        K/V, each query head's shared K/V head (GQA: not repeated up front)."""
+        b, js = self._where(h0, h1)
         if kv and self.per_kv > 1:
-            return x[b, np.arange(j0, j1) // self.per_kv]  # fancy indexing: a new C-ordered array
-        return np.ascontiguousarray(x[b, j0:j1], dtype=self.dtype)
+            return x[b, np.arange(js.start, js.stop) // self.per_kv]  # fancy indexing: a new C-ordered array
+        return np.ascontiguousarray(x[b, js], dtype=self.dtype)
 
     def take(self, h0, h1):
         """(scale · q, k, v) of flat heads h0..h1, contiguous. The scale goes on q (T·D products)
         rather than on each block's scores (T·S); dropout's 1 / (1 - p) goes on v (S·D values)
         rather than on each block's probabilities."""
-        b, j0 = h0 // self.H, h0 % self.H
-        q = np.multiply(self.q[b, j0:j0 + h1 - h0], self.scale, out=np.empty((h1 - h0, self.T, self.D), self.dtype))
+        b, js = self._where(h0, h1)
+        q = np.multiply(self.q[b, js], self.scale, out=np.empty((h1 - h0, self.T, self.D), self.dtype))
         k, v = self.heads(self.k, h0, h1, kv=True), self.heads(self.v, h0, h1, kv=True)
         if self.dropout_p:
             v = v / self.dtype.type(1.0 - self.dropout_p)
