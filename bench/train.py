@@ -3,8 +3,12 @@
 Both models start from the same weights (ours, copied into `bench.torch_gpt`), see the
 same batches of the-verdict.txt and take AdamW steps with the same settings (dropout off
 unless ``--drop-rate``). Each provider runs in its own process (so one's memory does not
-count against another's): ``--warmup`` untimed steps, then ``--steps`` timed ones. The table
-gives ms/step, tokens/s, the ratio of our tokens/s to each provider's, the time of each
+count against another's): ``--warmup`` untimed steps, then ``--steps`` timed ones, the
+providers taking turns step by step. A shared machine's speed moves by 10-25% over minutes;
+taking turns puts a slow stretch on every provider alike, where one whole run after another
+(``--no-interleave``, one process alive at a time) puts it on whoever ran then. The table
+gives ms/step, tokens/s, the ratio of our tokens/s to each provider's and its lowest and
+highest value step for step, the time of each
 phase (forward with the loss, backward, optimizer step), the peak resident memory of the
 timed steps, and the largest difference between the first losses (fp32 runs without
 dropout should agree to ~1e-4).
@@ -25,8 +29,8 @@ import gc
 import os
 import resource
 import time
+import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
@@ -56,6 +60,7 @@ class Result:
     note: str = ""
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds per step
     peak_mib: float | None = None  # peak resident memory over the timed steps
+    steps: list[dict[str, float]] = field(default_factory=list)  # each timed step's phase -> seconds
 
 
 def make_batches(n: int, batch_size: int, context_length: int, vocab_size: int,
@@ -97,30 +102,32 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_steps(phases: Callable[[np.ndarray, np.ndarray], tuple], batches: list, warmup: int,
-              sync: Callable[[], None]) -> tuple[float, dict[str, float], list[float]]:
-    """Run every batch through the three callables `phases(x, y)` gives (forward returning the
-    loss, backward, optimizer step); time all but the first `warmup`.
-    Returns (s/step, s/step per phase, losses)."""
-    losses: list[float] = []
-    totals = dict.fromkeys(PHASES, 0.0)
-    for i, (x, y) in enumerate(batches):
-        if i == warmup:
-            sync()
-            totals = dict.fromkeys(PHASES, 0.0)
-        for name, fn in zip(PHASES, phases(x, y)):
+Phases = tuple[Callable[[], float], Callable[[], None], Callable[[], None]]
+
+
+@dataclass
+class Stepper:
+    """A provider ready to train: `phases(x, y)` gives the callables of one step (forward
+    returning the loss, backward, optimizer step); `sync` waits for the device."""
+    name: str
+    phases: Callable[[np.ndarray, np.ndarray], Phases]
+    sync: Callable[[], None]
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], float]:
+        """One timed step: (seconds per phase, loss)."""
+        seconds: dict[str, float] = {}
+        loss = float("nan")
+        for name, fn in zip(PHASES, self.phases(x, y)):
             start = time.perf_counter()
             out = fn()
-            sync()
-            totals[name] += time.perf_counter() - start
+            self.sync()
+            seconds[name] = time.perf_counter() - start
             if name == "forward":
-                losses.append(out)
-    timed = max(1, len(batches) - warmup)
-    per_phase = {name: t / timed for name, t in totals.items()}
-    return sum(per_phase.values()), per_phase, losses
+                loss = out
+        return seconds, loss
 
 
-def bench_ours(model: GPTModel, batches, warmup) -> Result:
+def prepare_ours(model: GPTModel) -> Stepper:
     """Our model on the active backend."""
     optimizer = engine.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     state: dict = {}
@@ -135,14 +142,11 @@ def bench_ours(model: GPTModel, batches, warmup) -> Result:
 
     backend = engine.get_backend()
     sync = torch.cuda.synchronize if backend.name == "triton" and torch.cuda.is_available() else (lambda: None)
-    reset_peak_memory()
-    seconds, per_phase, losses = run_steps(phases, batches, warmup, sync)
-    return Result(f"ours ({backend.name} backend, fp32)", seconds, losses, phases=per_phase,
-                  peak_mib=peak_memory_mib())
+    return Stepper(f"ours ({backend.name} backend, fp32)", phases, sync)
 
 
-def bench_torch(name: str, config, initial, batches, warmup, device: str, bf16: bool = False,
-                compile_model: bool = False) -> Result:
+def prepare_torch(name: str, config, initial, batches: list, device: str, bf16: bool = False,
+                  compile_model: bool = False) -> Stepper:
     model = from_state_dict(config, initial, device=device)
     initial.clear()  # our copy of the weights: not part of torch's memory
     gc.collect()
@@ -150,7 +154,7 @@ def bench_torch(name: str, config, initial, batches, warmup, device: str, bf16: 
     forward_model = torch.compile(model) if compile_model else model
     autocast = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     on_device = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
-    lookup = {id(x): pair for (x, _), pair in zip(batches, on_device)}
+    lookup = {id(x): pair for (x, _), pair in zip(batches, on_device)}  # copied before the timing
     state: dict = {}
 
     def forward(x: np.ndarray) -> float:
@@ -164,40 +168,125 @@ def bench_torch(name: str, config, initial, batches, warmup, device: str, bf16: 
     def phases(x, y):
         return (lambda: forward(x)), (lambda: state.pop("loss").backward()), optimizer.step
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    reset_peak_memory()
-    try:
-        seconds, per_phase, losses = run_steps(phases, batches, warmup, sync)
-    except Exception as err:  # torch.compile may be unavailable (no compiler, unsupported GPU)
-        if not compile_model:
-            raise
-        return Result(name, None, [], f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
-    return Result(name, seconds, losses, phases=per_phase, peak_mib=peak_memory_mib())
+    return Stepper(name, phases, torch.cuda.synchronize if device == "cuda" else (lambda: None))
 
 
-def run_provider(args: argparse.Namespace, provider: str) -> Result:
-    """One provider's measurement, meant to run in a process of its own."""
+def prepare_provider(args: argparse.Namespace, provider: str, batches: list) -> Stepper:
+    """A provider's model and optimizer, built from the seeded weights of our GPT."""
     cuda = torch.cuda.is_available()
     engine.set_backend(args.backend or ("triton" if cuda else "numpy"))
     device = "cuda" if cuda else "cpu"
     config = make_config(args)
-    batches = make_batches(args.warmup + args.steps, args.batch_size, config.context_length, config.vocab_size,
-                           args.data_dir)
     engine.manual_seed(0)
     model = GPTModel(config)
     if provider == "ours":
-        return bench_ours(model, batches, args.warmup)
+        return prepare_ours(model)
     initial = model.state_dict()  # copies, taken before any step changes the weights
     del model
     if provider == "eager":
-        return bench_torch("torch eager (fp32)", config, initial, batches, args.warmup, device)
+        return prepare_torch("torch eager (fp32)", config, initial, batches, device)
     if provider == "eager-our-malloc":
-        return bench_torch("torch eager (fp32, our malloc)", config, initial, batches, args.warmup, device)
+        return prepare_torch("torch eager (fp32, our malloc)", config, initial, batches, device)
     if provider == "eager-bf16":
-        return bench_torch("torch eager (bf16 autocast, SDPA)", config, initial, batches, args.warmup, device,
-                           bf16=True)
-    return bench_torch(f"torch.compile ({'bf16 autocast' if cuda else 'fp32'})", config, initial, batches,
-                       args.warmup, device, bf16=cuda, compile_model=True)
+        return prepare_torch("torch eager (bf16 autocast, SDPA)", config, initial, batches, device,
+                             bf16=True)
+    return prepare_torch(f"torch.compile ({'bf16 autocast' if cuda else 'fp32'})", config, initial, batches,
+                         device, bf16=cuda, compile_model=True)
+
+
+def serve_provider(args: argparse.Namespace, provider: str, batches: list, conn) -> None:
+    """A provider's process: on "prepare", build it and run the warmup steps; then one timed
+    step per step index received; on None, its peak memory. Each answer is ("ok", value) or
+    ("failed", why): torch.compile may be unavailable (no compiler, unsupported GPU)."""
+    try:
+        conn.recv()
+        stepper = prepare_provider(args, provider, batches)
+        warmup = [stepper.step(x, y)[1] for x, y in batches[:args.warmup]]
+        reset_peak_memory()
+        conn.send(("ok", (stepper.name, warmup)))
+        while (index := conn.recv()) is not None:
+            conn.send(("ok", stepper.step(*batches[args.warmup + index])))
+        conn.send(("ok", peak_memory_mib()))
+    except Exception as err:
+        traceback.print_exc()
+        conn.send(("failed", f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"))
+    finally:
+        conn.close()
+
+
+class Worker:
+    """A provider's process, started in the environment its name asks for."""
+
+    def __init__(self, args: argparse.Namespace, provider: str, batches: list):
+        # torch's processes import our backend too (for the initial weights): keep its memory
+        # settings out of them unless the provider is named for them
+        opt_out = {"ours": None, "eager-our-malloc": "1"}.get(provider, "0")
+        tuning = {} if opt_out is None else {numpy_memory.OPT_OUT: opt_out}
+        self.conn, child = get_context("spawn").Pipe()
+        self.process = get_context("spawn").Process(target=serve_provider, args=(args, provider, batches, child))
+        with _environment(tuning):
+            self.process.start()
+        child.close()
+        self.result = Result(provider, None, [])
+
+    def ask(self, message) -> object | None:
+        """Send a command; the answer, or None once the provider has failed (its row says why)."""
+        if self.result.note:
+            return None
+        try:
+            self.conn.send(message)
+            status, value = self.conn.recv()
+        except (EOFError, OSError):  # the process died (out of memory, a crash in native code)
+            self.process.join()
+            status, value = "failed", f"its process ended with code {self.process.exitcode}"
+        if status == "failed":
+            self.result.note = f"failed: {value}"
+            return None
+        return value
+
+    def prepare(self) -> None:
+        answer = self.ask("prepare")
+        if answer is not None:
+            self.result.name, self.result.losses = answer[0], list(answer[1])
+
+    def step(self, index: int) -> None:
+        answer = self.ask(index)
+        if answer is not None:
+            seconds, loss = answer
+            self.result.steps.append(seconds)
+            self.result.losses.append(loss)
+
+    def finish(self) -> Result:
+        peak = self.ask(None)
+        self.process.join()
+        r = self.result
+        if not r.note:
+            r.peak_mib = peak
+            r.phases = {name: float(np.mean([s[name] for s in r.steps])) for name in PHASES}
+            r.seconds_per_step = sum(r.phases.values())
+        return r
+
+
+def measure(args: argparse.Namespace, providers: list[str], batches: list, interleave: bool) -> list[Result]:
+    """Each provider in a process of its own. Interleaved, all are prepared first, then take
+    turns step by step (the first to go rotating each round), so a slow stretch of a shared
+    machine falls on all of them alike; else one after another, one process at a time."""
+    if not interleave:
+        results = []
+        for provider in providers:
+            worker = Worker(args, provider, batches)
+            worker.prepare()
+            for index in range(args.steps):
+                worker.step(index)
+            results.append(worker.finish())
+        return results
+    workers = [Worker(args, provider, batches) for provider in providers]
+    for worker in workers:
+        worker.prepare()
+    for index in range(args.steps):
+        for k in range(len(workers)):
+            workers[(index + k) % len(workers)].step(index)
+    return [worker.finish() for worker in workers]
 
 
 @contextlib.contextmanager
@@ -220,10 +309,15 @@ def make_config(args: argparse.Namespace):
     return get_config(args.preset, **overrides)
 
 
+def step_ratios(ours: Result, other: Result) -> list[float]:
+    """Step by step, the other provider's time over ours (ours/this as speed)."""
+    return [sum(theirs.values()) / sum(mine.values()) for mine, theirs in zip(ours.steps, other.steps)]
+
+
 def print_table(results: list[Result], tokens_per_step: int, dropout: bool) -> None:
     ours = results[0]
-    header = (f"{'provider':<36} {'ms/step':>9} {'tokens/s':>9} {'ours/this':>9} {'fwd ms':>8} {'bwd ms':>8} "
-              f"{'opt ms':>8} {'peak MiB':>9} {'max |dloss|':>11}")
+    header = (f"{'provider':<36} {'ms/step':>9} {'tokens/s':>9} {'ours/this':>9} {'per step':>11} {'fwd ms':>8} "
+              f"{'bwd ms':>8} {'opt ms':>8} {'peak MiB':>9} {'max |dloss|':>11}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -233,10 +327,13 @@ def print_table(results: list[Result], tokens_per_step: int, dropout: bool) -> N
         k = min(COMPARED_LOSSES, len(r.losses), len(ours.losses))
         diff = "-" if r is ours or dropout else f"{np.max(np.abs(np.subtract(r.losses[:k], ours.losses[:k]))):.2e}"
         ratio = r.seconds_per_step / ours.seconds_per_step
+        ratios = step_ratios(ours, r) if ours.seconds_per_step is not None else []
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios and r is not ours else "-"
         phases = " ".join(f"{1e3 * r.phases.get(name, float('nan')):8.1f}" for name in PHASES)
         print(f"{r.name:<36} {1e3 * r.seconds_per_step:9.1f} {tokens_per_step / r.seconds_per_step:9.0f} "
-              f"{ratio:9.2f} {phases} {r.peak_mib or float('nan'):9.0f} {diff:>11}")
-    print(f"\nours/this: our tokens/s divided by the provider's (> 1: ours is faster). fwd/bwd/opt: forward "
+              f"{ratio:9.2f} {spread:>11} {phases} {r.peak_mib or float('nan'):9.0f} {diff:>11}")
+    print(f"\nours/this: our tokens/s divided by the provider's (> 1: ours is faster); per step: the lowest and "
+          f"highest of that ratio over the timed steps, step for step. fwd/bwd/opt: forward "
           f"with the loss, backward, optimizer step. peak MiB: the provider's process's peak resident memory "
           f"over the timed steps. max |dloss|: largest difference to our loss over the first {COMPARED_LOSSES} "
           f"steps (same weights and batches; '-' with dropout, whose masks differ).")
@@ -257,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our backend (default: triton with a CUDA GPU, else numpy)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile (default: on a GPU only)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help="the providers take turns step by step, all their processes alive at once (their "
+                        "memory together); --no-interleave runs one process after another (default: on)")
     p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warmup step (a smoke run)")
     add_data_dir_argument(p)
     return p
@@ -276,18 +376,16 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name() if cuda else f"CPU, torch {torch.get_num_threads()} threads"
     print(f"training bench: {args.preset} ({count_parameters(config):,} parameters), batch "
           f"{args.batch_size} x {config.context_length} = {tokens} tokens/step, AdamW, dropout {args.drop_rate}; "
-          f"{args.warmup} warmup + {args.steps} timed steps, each provider in its own process; {where}\n")
+          f"{args.warmup} warmup + {args.steps} timed steps, each provider in its own process"
+          f"{', taking turns step by step' if args.interleave else ', one after another'}; {where}\n")
     providers = ["ours", "eager"] + (["eager-bf16"] if cuda else ["eager-our-malloc"])
     if args.compile if args.compile is not None else cuda:
         providers.append("compile")
-    results = []
-    for provider in providers:  # NOTE: a fresh process each, so peak memory is the provider's own
-        # torch's processes import our backend too (for the initial weights): keep its memory
-        # settings out of them unless the provider is named for them
-        opt_out = {"ours": None, "eager-our-malloc": "1"}.get(provider, "0")
-        tuning = {} if opt_out is None else {numpy_memory.OPT_OUT: opt_out}
-        with _environment(tuning), ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            results.append(pool.submit(run_provider, args, provider).result())
+    batches = make_batches(args.warmup + args.steps, args.batch_size, config.context_length, config.vocab_size,
+                           args.data_dir)
+    results = measure(args, providers, batches, args.interleave)
+    if results[0].seconds_per_step is None:
+        raise SystemExit(f"{results[0].name} {results[0].note}")
     print_table(results, tokens, args.drop_rate > 0)
 
 
