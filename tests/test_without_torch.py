@@ -38,8 +38,8 @@ print("ALL OK")
 
 
 def run_blocked(args, tmp_path, **env):
-    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(BLOCKER), str(ROOT)])}
-    env.pop("SCRATCHGPT_BACKEND", None)
+    env = {**{k: v for k, v in os.environ.items() if k != "SCRATCHGPT_BACKEND"}, **env,
+           "PYTHONPATH": os.pathsep.join([str(BLOCKER), str(ROOT)])}
     return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -66,3 +66,14 @@ def test_asking_for_torch_without_it_names_the_extra(tmp_path):
                          tmp_path, **torchrun)
     assert result.returncode == 1
     assert result.stderr.strip() == 'error: launched by torchrun, but torch is not installed: pip install -e ".[ddp]"'
+
+
+def test_the_backend_variable_naming_triton_without_torch_is_one_error_line(tmp_path):
+    expected = ('error: the triton backend needs torch, which is not installed: pip install -e ".[gpu]" '
+                '(or use the numpy backend: SCRATCHGPT_BACKEND=numpy)')
+    for command in (["generate", "--max-new-tokens", "1"], ["train", "--preset", "tiny", "--max-steps", "1",
+                                                             "--out-dir", "x"]):
+        result = run_blocked(["-m", "model.cli", *command], tmp_path, SCRATCHGPT_BACKEND="triton")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines()[-1].endswith(expected), result.stderr
+        assert "Traceback" not in result.stderr

@@ -22,7 +22,11 @@ def _make(name: str) -> Backend:
 
         return NumpyBackend()
     if name == "triton":
-        from engine.backends.triton_backend import TritonBackend
+        try:
+            from engine.backends.triton_backend import TritonBackend
+        except ImportError as err:  # e.g. SCRATCHGPT_BACKEND=triton on an install without the [gpu] extra
+            raise ValueError(f'the triton backend needs {err.name or "torch and triton"}, which is not installed: '
+                             'pip install -e ".[gpu]" (or use the numpy backend: SCRATCHGPT_BACKEND=numpy)') from err
 
         return TritonBackend()
     raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(_BACKEND_NAMES)}")

@@ -154,9 +154,10 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body:
     check_args(parser, args)
     if getattr(args, "tensorboard", False) and not tensorboard_available():
         parser.error(TENSORBOARD_MISSING)
-    if args.backend:
-        engine.set_backend(args.backend)
-    backend = engine.get_backend()
+    try:
+        backend = engine.set_backend(args.backend) if args.backend else engine.get_backend()
+    except ValueError as err:  # SCRATCHGPT_BACKEND names a backend this install cannot run
+        parser.error(str(err))
     if args.precision != "fp32" and backend.name != "triton":
         parser.error(f"--precision {args.precision} needs --backend triton: the {backend.name} backend computes "
                      "in float32 only")
