@@ -222,8 +222,9 @@ class Worker:
         # settings out of them unless the provider is named for them
         opt_out = {"ours": None, "eager-our-malloc": "1"}.get(provider, "0")
         tuning = {} if opt_out is None else {numpy_memory.OPT_OUT: opt_out}
-        self.conn, child = get_context("spawn").Pipe()
-        self.process = get_context("spawn").Process(target=serve_provider, args=(args, provider, batches, child))
+        spawn = get_context("spawn")
+        self.conn, child = spawn.Pipe()
+        self.process = spawn.Process(target=serve_provider, args=(args, provider, batches, child))
         with _environment(tuning):
             self.process.start()
         child.close()
@@ -327,7 +328,7 @@ def print_table(results: list[Result], tokens_per_step: int, dropout: bool) -> N
         k = min(COMPARED_LOSSES, len(r.losses), len(ours.losses))
         diff = "-" if r is ours or dropout else f"{np.max(np.abs(np.subtract(r.losses[:k], ours.losses[:k]))):.2e}"
         ratio = r.seconds_per_step / ours.seconds_per_step
-        ratios = step_ratios(ours, r) if ours.seconds_per_step is not None else []
+        ratios = step_ratios(ours, r)
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios and r is not ours else "-"
         phases = " ".join(f"{1e3 * r.phases.get(name, float('nan')):8.1f}" for name in PHASES)
         print(f"{r.name:<36} {1e3 * r.seconds_per_step:9.1f} {tokens_per_step / r.seconds_per_step:9.0f} "
