@@ -16,6 +16,11 @@ _BACKEND_NAMES = ("numpy", "triton")
 _active: Backend | None = None
 
 
+def triton_missing(module: str, instead: str) -> str:
+    """The one error line for the triton backend asked for where ``module`` is not installed."""
+    return f'the triton backend needs {module}, which is not installed: pip install -e ".[gpu]" (or use {instead})'
+
+
 def _make(name: str) -> Backend:
     if name == "numpy":
         from engine.backends.numpy_backend import NumpyBackend
@@ -25,8 +30,8 @@ def _make(name: str) -> Backend:
         try:
             from engine.backends.triton_backend import TritonBackend
         except ImportError as err:  # e.g. SCRATCHGPT_BACKEND=triton on an install without the [gpu] extra
-            raise ValueError(f'the triton backend needs {err.name or "torch and triton"}, which is not installed: '
-                             'pip install -e ".[gpu]" (or use the numpy backend: SCRATCHGPT_BACKEND=numpy)') from err
+            raise ValueError(triton_missing(err.name or "torch and triton",
+                                            "the numpy backend: SCRATCHGPT_BACKEND=numpy")) from err
 
         return TritonBackend()
     raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(_BACKEND_NAMES)}")
@@ -58,4 +63,4 @@ def get_backend() -> Backend:
     return _active
 
 
-__all__ = ["Backend", "default_backend_name", "get_backend", "set_backend"]
+__all__ = ["Backend", "default_backend_name", "get_backend", "set_backend", "triton_missing"]

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from engine.backends import triton_missing
 from model.config import PRESETS
 from model.data.datadir import add_data_dir_argument
 from model.training.distributed import add_ddp_argument
@@ -37,8 +38,7 @@ def backend_name(name: str) -> str:
             for module in ("torch", "triton"):
                 importlib.import_module(module)
         except ImportError:
-            raise argparse.ArgumentTypeError(f'the triton backend needs {module}, which is not installed: '
-                                             'pip install -e ".[gpu]" (or use --backend numpy)') from None
+            raise argparse.ArgumentTypeError(triton_missing(module, "--backend numpy")) from None
     return name
 
 
