@@ -78,3 +78,15 @@ def test_memory_grows_with_t_not_t_squared():
     assert large < 5 * small, f"peak {small} bytes at T=1024, {large} at T=4096 (T² would be 16x)"
     assert large < 4096 * 4096 * 8 / 4, f"peak {large} bytes: a quarter of one (T, T) float64 matrix"
 
+
+
+@pytest.mark.parametrize("B, H, T", [(1, 12, 64), (2, 12, 1024), (2, 12, 256), (3, 5, 40), (1, 1, 8)])
+def test_head_groups_cover_each_head_once_within_a_batch_row_and_feed_every_thread(B, H, T, monkeypatch):
+    groups = []
+    monkeypatch.setattr(numpy_attention, "parallel_pieces", lambda n, piece, body: [body(i, i + 1) for i in range(n)])
+    q = np.zeros((B, H, T, 8), dtype=np.float32)
+    numpy_attention._Problem(q, q, q, None, True, 0.0, 0).split(lambda h0, h1: groups.append((h0, h1)))
+    heads = [h for h0, h1 in groups for h in range(h0, h1)]
+    assert sorted(heads) == list(range(B * H))
+    assert all((h1 - 1) // H == h0 // H for h0, h1 in groups)  # no group spans two batch rows
+    assert len(groups) >= min(numpy_attention.THREADS, B * H)

@@ -4,9 +4,9 @@
 Queries go in blocks of rows. A causal block multiplies only against the keys it can
 see (the masked half is never computed), takes its softmax there, and keeps one
 log-sum-exp per row; backward recomputes each block's probabilities from that lse
-instead of keeping a (T, S) matrix. Heads are split across the backend's threads, one
-BLAS thread each; each group of heads copies its q, k, v (usually strided views of the
-model's qkv projection) into small contiguous arrays on the thread that works on it.
+instead of keeping a (T, S) matrix. Groups of heads go to the backend's threads as they
+come free, one BLAS thread each; each group copies its q, k, v (usually strided views of
+the model's qkv projection) into small contiguous arrays on the thread that works on it.
 
 Shapes: q (B, H, T, D); k, v (B, Hkv, S, D); o (B, H, T, D); lse (B, H, T). The causal
 mask is bottom-right aligned as in the reference: row i sees key j iff j <= i + (S - T).
@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from engine.backends.numpy_threads import one_blas_thread, parallel_ranges
+from engine.backends.numpy_threads import THREADS, one_blas_thread, parallel_pieces
 from kernels.attention_ref import _check_inputs, sum_kv_groups
 
 BLOCK_ROWS = 128  # query rows per block: the diagonal block computes bq²/2 masked scores it discards
@@ -121,17 +121,13 @@ class _Problem:
         return _keep_mask(self.seed, self.dropout_p, self.T, self.S, t0, t1, kend, h0, h1)
 
     def split(self, body):
-        """body(h0, h1) over groups of flat heads, none spanning two batch rows, the groups
-        shared among the threads."""
-        def part(lo, hi):
-            h0 = lo
-            while h0 < hi:
-                h1 = min(h0 + self.group, hi, (h0 // self.H + 1) * self.H)
-                body(h0, h1)
-                h0 = h1
-
+        """body(h0, h1) over groups of flat heads, none spanning two batch rows, at least one
+        group per thread; each group goes to whichever thread is free."""
+        per = min(self.group, -(-self.B * self.H // THREADS))  # heads per group
+        groups = [(h0, min(h0 + per, (b + 1) * self.H))
+                  for b in range(self.B) for h0 in range(b * self.H, (b + 1) * self.H, per)]
         with one_blas_thread():
-            parallel_ranges(self.B * self.H, part)
+            parallel_pieces(len(groups), 1, lambda lo, hi: body(*groups[lo]))
 
 
 def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):

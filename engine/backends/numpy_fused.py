@@ -3,11 +3,11 @@ run chunk by chunk on the backend's threads (GELU in an equal form of its own, s
 
 Each chunk (CHUNK elements) is small enough that the several temporaries a NumPy
 expression makes stay in the CPU's caches, so a formula of ten ufuncs reads and writes
-main memory about once instead of ten times; chunks are shared among the threads (NumPy
+main memory about once instead of ten times; chunks go to whichever thread is free (NumPy
 releases the GIL inside each ufunc). Except in GELU and ``cross_entropy_loss_and_grad``,
 every element goes through the same operations in the same order as in the reference, so
 the results are bit for bit the reference's; only sums over rows (LayerNorm's and
-RMSNorm's weight and bias gradients) add per-thread partial sums.
+RMSNorm's weight and bias gradients) add per-chunk partial sums, in the chunks' order.
 
 NOTE: a ufunc call costs about 1.7 us before it touches an element, under the GIL, so
 chunks must be large: on the 2-core VM, AdamW over 162M parameters took 680-800 ms in
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.backends.numpy_threads import chunks, one_blas_thread, parallel_ranges
+from engine.backends.numpy_threads import one_blas_thread, parallel_pieces
 from kernels import cross_entropy_ref, gelu_ref, layernorm_ref, rmsnorm_ref, swiglu_ref
 
 CHUNK = 2**18  # elements per piece: 1 MiB of float32 per temporary (see the NOTE above)
@@ -32,25 +32,18 @@ MIN_PER_THREAD = 2**16
 
 def _over_elements(n: int, body) -> None:
     """body(lo, hi) over CHUNK-sized pieces of range(n), shared among the threads."""
-
-    def part(start: int, stop: int) -> None:
-        for lo, hi in chunks(start, stop, CHUNK):
-            body(lo, hi)
-
-    parallel_ranges(n, part, min_per_thread=MIN_PER_THREAD)
+    parallel_pieces(n, CHUNK, body, min_per_thread=MIN_PER_THREAD)
 
 
 def _over_rows(rows: int, width: int, body, scratch: int = 0, dtype=None) -> None:
     """body(lo, hi, *buffers) over pieces of about CHUNK elements of a (rows, width) array;
     each thread has its own ``scratch`` buffers of a piece's shape (hi − lo, width)."""
-    per_piece = max(1, CHUNK // max(1, width))
+    def piece(lo: int, hi: int, *buffers) -> None:
+        body(lo, hi, *(b[: hi - lo] for b in buffers))
 
-    def part(start: int, stop: int) -> None:
-        buffers = [np.empty((min(per_piece, stop - start), width), dtype) for _ in range(scratch)]
-        for lo, hi in chunks(start, stop, per_piece):
-            body(lo, hi, *(b[: hi - lo] for b in buffers))
-
-    parallel_ranges(rows, part, min_per_thread=max(1, MIN_PER_THREAD // max(1, width)))
+    parallel_pieces(rows, max(1, CHUNK // max(1, width)), piece,
+                    min_per_thread=max(1, MIN_PER_THREAD // max(1, width)),
+                    scratch=lambda size: [np.empty((size, width), dtype) for _ in range(scratch)])
 
 
 # --- AdamW ---
@@ -82,12 +75,11 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2_s
     p1, m1, v1 = p.reshape(-1), m.reshape(-1), v.reshape(-1)
     g1 = np.ascontiguousarray(g, dtype=p.dtype).reshape(-1)
 
-    def body(start: int, stop: int) -> None:
-        tmp = np.empty(min(CHUNK, stop - start), dtype=p.dtype)
-        for lo, hi in chunks(start, stop, CHUNK):
-            _adamw_piece(p1[lo:hi], g1[lo:hi], m1[lo:hi], v1[lo:hi], tmp[: hi - lo], *hyper)
+    def body(lo: int, hi: int, tmp: np.ndarray) -> None:
+        _adamw_piece(p1[lo:hi], g1[lo:hi], m1[lo:hi], v1[lo:hi], tmp[: hi - lo], *hyper)
 
-    parallel_ranges(p1.size, body, min_per_thread=MIN_PER_THREAD)
+    parallel_pieces(p1.size, CHUNK, body, min_per_thread=MIN_PER_THREAD,
+                    scratch=lambda size: (np.empty(size, dtype=p.dtype),))
 
 
 # --- gradient accumulation and norm ---
@@ -108,17 +100,17 @@ def squared_norm(a) -> float:
     """sum(a²) as a Python float: a BLAS dot per chunk (no temporary of a's size), the chunks'
     sums added in float64."""
     a1 = np.ascontiguousarray(a).reshape(-1)
-    sums: dict[int, float] = {}  # first element of a thread's part -> its sum
+    sums: dict[int, float] = {}  # first element of a piece -> its sum
 
-    def part(start, stop):
+    def piece(lo, hi):
         # NOTE: squares beyond float32's range give inf, which is the answer (the NaN/inf guard reads it);
         # errstate is per thread, so it is set here
         with np.errstate(over="ignore"):
-            sums[start] = sum(float(np.dot(a1[lo:hi], a1[lo:hi])) for lo, hi in chunks(start, stop, CHUNK))
+            sums[lo] = float(np.dot(a1[lo:hi], a1[lo:hi]))
 
-    with one_blas_thread():  # the chunks are split among our threads already
-        parallel_ranges(a1.size, part, min_per_thread=MIN_PER_THREAD)
-    return sum(sums[start] for start in sorted(sums))  # a fixed order: the same bits every run
+    with one_blas_thread():  # the pieces are split among our threads already
+        parallel_pieces(a1.size, CHUNK, piece, min_per_thread=MIN_PER_THREAD)
+    return sum(sums[lo] for lo in sorted(sums))  # a fixed order: the same bits every run
 
 
 # --- GELU ---
@@ -259,18 +251,17 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
     x2, dy2 = _rows(x), _rows(dy)  # (rows, N) each
     mean1, rstd1 = mean.reshape(-1), rstd.reshape(-1)
     dx = np.empty(x2.shape, dtype=x.dtype)
-    sums: dict[int, np.ndarray] = {}  # first row of a thread's part -> its (dweight, dbias) sums
+    sums: dict[int, tuple] = {}  # first row of a piece -> its (dweight, dbias)
 
-    def part(start, stop):
-        total = sums[start] = np.zeros((2, n), dtype=x.dtype)
-        for lo, hi in chunks(start, stop, max(1, CHUNK // n)):
-            dx[lo:hi], dw, db = layernorm_ref.layer_norm_backward(dy2[lo:hi], x2[lo:hi], weight, mean1[lo:hi],
-                                                                  rstd1[lo:hi])
-            total[0] += dw
-            total[1] += db
+    def piece(lo, hi):
+        dx[lo:hi], dw, db = layernorm_ref.layer_norm_backward(dy2[lo:hi], x2[lo:hi], weight, mean1[lo:hi], rstd1[lo:hi])
+        sums[lo] = dw, db
 
-    parallel_ranges(x2.shape[0], part, min_per_thread=max(1, MIN_PER_THREAD // n))
-    dweight, dbias = sum(sums[start] for start in sorted(sums))  # a fixed order: the same bits every run
+    parallel_pieces(x2.shape[0], max(1, CHUNK // n), piece, min_per_thread=max(1, MIN_PER_THREAD // n))
+    dweight, dbias = np.zeros(n, dtype=x.dtype), np.zeros(n, dtype=x.dtype)
+    for lo in sorted(sums):  # a fixed order: the same bits every run
+        dweight += sums[lo][0]
+        dbias += sums[lo][1]
     return dx.reshape(x.shape), dweight, dbias
 
 
@@ -292,16 +283,15 @@ def rms_norm_backward(dy, x, weight, rstd):
     x2, dy2 = _rows(x), _rows(dy)  # (rows, N) each
     rstd1 = rstd.reshape(-1)
     dx = np.empty(x2.shape, dtype=x.dtype)
-    sums: dict[int, np.ndarray] = {}  # first row of a thread's part -> its dweight sum
+    sums: dict[int, np.ndarray] = {}  # first row of a piece -> its dweight
 
-    def part(start, stop):
-        total = sums[start] = np.zeros(n, dtype=weight.dtype)
-        for lo, hi in chunks(start, stop, max(1, CHUNK // n)):
-            dx[lo:hi], dw = rmsnorm_ref.rms_norm_backward(dy2[lo:hi], x2[lo:hi], weight, rstd1[lo:hi])
-            total += dw
+    def piece(lo, hi):
+        dx[lo:hi], sums[lo] = rmsnorm_ref.rms_norm_backward(dy2[lo:hi], x2[lo:hi], weight, rstd1[lo:hi])
 
-    parallel_ranges(x2.shape[0], part, min_per_thread=max(1, MIN_PER_THREAD // n))
-    dweight = sum(sums[start] for start in sorted(sums)) if sums else np.zeros(n, dtype=weight.dtype)
+    parallel_pieces(x2.shape[0], max(1, CHUNK // n), piece, min_per_thread=max(1, MIN_PER_THREAD // n))
+    dweight = np.zeros(n, dtype=weight.dtype)
+    for lo in sorted(sums):  # a fixed order: the same bits every run
+        dweight += sums[lo]
     return dx.reshape(x.shape), dweight
 
 

@@ -4,14 +4,24 @@ NumPy releases the GIL inside ufunc loops over more than a few hundred elements 
 inside BLAS calls, so work split into chunks on a few Python threads runs on several
 cores at once. The pool has one thread per core the process may use (``OMP_NUM_THREADS``
 caps it, as it caps BLAS); the calling thread takes the first share itself.
+
+Where the work comes in many like pieces (chunks of an array, groups of attention heads,
+the last rows of a product) the pieces are handed out one at a time to whichever thread
+is free, not split in equal shares up front: on a shared machine one core is often slower
+for a while, and with fixed shares the other then waits for it.
+
+NOTE: measured in a gpt2-small step at 2x1024 on the 2-core VM, fixed shares left one thread
+waiting for the other 0.71-0.78 s of a 15.1-15.6 s step (0.50-0.54 s of it in products, 0.15 s
+in attention); handing out pieces, 0.22 s of 15.2 s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -28,28 +38,56 @@ _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="scratchgpt-numpy") i
 _blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
 
 
-def parallel_ranges(n: int, body: Callable[[int, int], None], min_per_thread: int = 1) -> None:
-    """Run ``body(start, stop)`` over a split of ``range(n)`` into contiguous parts, one per
-    thread (fewer when a part would hold less than ``min_per_thread`` items); returns when all
-    are done and re-raises the first error."""
-    parts = max(1, min(THREADS, n // max(1, min_per_thread)))
-    if parts == 1 or _pool is None:
-        if n > 0:
-            body(0, n)
+def on_threads(work: Callable[[int], None], threads: int = THREADS) -> None:
+    """Run ``work(t)`` for t = 0 .. threads − 1 at once, t = 0 on the calling thread; returns
+    when all are done and re-raises the first error."""
+    threads = min(threads, THREADS)
+    if threads <= 1 or _pool is None:
+        work(0)
         return
-    bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [_pool.submit(body, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    futures = [_pool.submit(work, t) for t in range(1, threads)]
     try:
-        body(bounds[0], bounds[1])
+        work(0)
     finally:
         for f in futures:
             f.result()
 
 
-def chunks(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
-    """(lo, hi) pieces of at most ``size`` covering [start, stop)."""
-    for lo in range(start, stop, size):
-        yield lo, min(lo + size, stop)
+def parallel_ranges(n: int, body: Callable[[int, int], None], min_per_thread: int = 1) -> None:
+    """Run ``body(start, stop)`` over a split of ``range(n)`` into contiguous parts, one per
+    thread (fewer when a part would hold less than ``min_per_thread`` items); returns when all
+    are done and re-raises the first error."""
+    parts = max(1, min(THREADS, n // max(1, min_per_thread)))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    if n > 0:
+        on_threads(lambda t: body(bounds[t], bounds[t + 1]), parts)
+
+
+def parallel_pieces(n: int, piece: int, body: Callable[..., None], min_per_thread: int = 1,
+                    scratch: Callable[[int], tuple] | None = None) -> None:
+    """Run ``body(lo, hi, *buffers)`` over pieces of ``range(n)`` of about ``piece`` items (at
+    least one per thread; fewer threads when a thread would get less than ``min_per_thread``
+    items), handing the pieces out one at a time to whichever thread is free. ``scratch(size)``
+    makes one thread's buffers for pieces of up to ``size`` items, once per thread. The pieces'
+    bounds depend only on n, piece and the thread count, never on which thread runs which."""
+    threads = max(1, min(THREADS, n // max(1, min_per_thread)))
+    pieces = -(-max(1, -(-n // max(1, piece))) // threads) * threads  # a multiple of the threads
+    bounds = [n * i // pieces for i in range(pieces + 1)]
+    size = -(-n // pieces)
+    counter = itertools.count()
+
+    def work(_: int) -> None:
+        buffers: Any = None
+        while (i := next(counter)) < pieces:  # next() on a count is atomic under the GIL
+            lo, hi = bounds[i], bounds[i + 1]
+            if lo == hi:
+                continue
+            if buffers is None:
+                buffers = scratch(size) if scratch is not None else ()
+            body(lo, hi, *buffers)
+
+    if n > 0:
+        on_threads(work, threads)
 
 
 @contextlib.contextmanager
@@ -72,25 +110,44 @@ def one_blas_thread() -> Iterator[None]:
 
 
 MIN_ROWS_PER_THREAD = 32  # below this a 2-D product stays one BLAS call
+# The last 1/TAIL_SHARE of a product's rows go in TAIL_PIECES column pieces to whichever thread
+# is free first. Pieces of rows would each pack the whole of b again (a 768x3072 weight: 9 MB);
+# a column piece packs only the tail's rows of a and its own columns of b.
+# NOTE: on the 2-core VM, the 153 products of a gpt2-small step at 2x1024 took 0.93 and 0.89 of
+# the time of equal shares (mean of 6 alternating repeats, each run's pairs 0.65-1.00); tails of
+# 1/8 and 1/32 gained less (0.98, 0.96), 8 pieces of 1/16 about as much (0.91).
+TAIL_SHARE, TAIL_PIECES = 16, 4
+MIN_COLS_PER_PIECE = 64
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b for 2-D (M, K) @ (K, N): the rows of a split among our threads, one BLAS thread each.
+    """a @ b for 2-D (M, K) @ (K, N): the rows of a split among our threads, one BLAS thread each,
+    all but the last rows in equal shares and those in column pieces handed out as threads
+    come free (see TAIL_SHARE).
 
-    NOTE: measured on a 2-core machine (shared, so noisy), this matched or beat OpenBLAS's
-    own two threads on the model's products (e.g. 512x768 @ 768x3072: 128-180 ms against
-    225-288 ms), and it keeps OpenBLAS's worker threads, which spin after each call, from
-    competing with our threads' elementwise work."""
-    M = a.shape[0]
+    NOTE: measured on a 2-core machine (shared, so noisy), the row split matched or beat
+    OpenBLAS's own two threads on the model's products (e.g. 512x768 @ 768x3072: 128-180 ms
+    against 225-288 ms), and it keeps OpenBLAS's worker threads, which spin after each call,
+    from competing with our threads' elementwise work."""
+    M, N = a.shape[0], b.shape[1]
     if M < 2 * MIN_ROWS_PER_THREAD or THREADS == 1:
         return a @ b
-    out = np.empty((M, b.shape[1]), dtype=np.result_type(a, b))  # (M, N)
+    out = np.empty((M, N), dtype=np.result_type(a, b))  # (M, N)
+    threads = min(THREADS, M // MIN_ROWS_PER_THREAD)
+    tail = M // TAIL_SHARE if M // TAIL_SHARE >= MIN_ROWS_PER_THREAD and N >= TAIL_PIECES * MIN_COLS_PER_PIECE else 0
+    head = M - tail
+    rows = [head * t // threads for t in range(threads + 1)]
+    cols = [N * i // TAIL_PIECES for i in range(TAIL_PIECES + 1)]
+    counter = itertools.count()
 
-    def body(lo: int, hi: int) -> None:
-        np.matmul(a[lo:hi], b, out=out[lo:hi])
+    def work(t: int) -> None:
+        np.matmul(a[rows[t]:rows[t + 1]], b, out=out[rows[t]:rows[t + 1]])
+        while tail and (i := next(counter)) < TAIL_PIECES:
+            c0, c1 = cols[i], cols[i + 1]
+            np.matmul(a[head:], b[:, c0:c1], out=out[head:, c0:c1])
 
     with one_blas_thread():
-        parallel_ranges(M, body, min_per_thread=MIN_ROWS_PER_THREAD)
+        on_threads(work, threads)
     return out
 
 
