@@ -138,16 +138,16 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     head = M - tail
     rows = [head * t // threads for t in range(threads + 1)]
     cols = [N * i // TAIL_PIECES for i in range(TAIL_PIECES + 1)]
-    counter = itertools.count()
+    jobs = [(slice(rows[t], rows[t + 1]), slice(None)) for t in range(threads)]  # (rows, columns)
+    if tail:
+        jobs += [(slice(head, M), slice(cols[i], cols[i + 1])) for i in range(TAIL_PIECES)]
 
-    def work(t: int) -> None:
-        np.matmul(a[rows[t]:rows[t + 1]], b, out=out[rows[t]:rows[t + 1]])
-        while tail and (i := next(counter)) < TAIL_PIECES:
-            c0, c1 = cols[i], cols[i + 1]
-            np.matmul(a[head:], b[:, c0:c1], out=out[head:, c0:c1])
+    def job(lo: int, hi: int) -> None:
+        r, c = jobs[lo]
+        np.matmul(a[r], b[:, c], out=out[r, c])
 
     with one_blas_thread():
-        on_threads(work, threads)
+        parallel_pieces(len(jobs), 1, job)
     return out
 
 
