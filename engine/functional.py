@@ -285,13 +285,16 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     return _CrossEntropy.apply(flat_logits, targets.reshape(-1), ignore_index=ignore_index)
 
 
-# linear_cross_entropy: logits per chunk (192 MB in fp32: 1001 rows of GPT-2's vocabulary).
-# NOTE: not much smaller: dW += dlogitsᵀ x has only chunk-many terms per output element, so it
-# is bound by writing the (V, E) product; on the 2-core CPU, chunks of 166 rows made the head's
-# three matmuls 4.4x slower than one 2048-row product, 667 rows 1.7x (one run each, contended).
-# At N = 8192 the loss step's peak is 985 MB here against 1253 MB with 1335-row chunks
-# (tracemalloc; the unfused path: 4941 MB).
-CHUNK_ELEMENTS = 3 * 2**24
+# linear_cross_entropy: logits per chunk (512 MiB in fp32: 2670 rows of GPT-2's vocabulary, so a
+# 2x1024 batch is one chunk).
+# NOTE: not smaller: each chunk's three products read all of the (V, E) weight again (on each
+# thread), and dW += dlogitsᵀ x has only chunk-many terms per output element, so it is bound by
+# writing the (V, E) product; on the 2-core VM, 2048 rows in one chunk took 0.935 of the time of
+# three 683-row chunks (median of 12 alternating pairs, 0.85-1.03), 1024 rows in one 0.964 of two.
+# Chunks of 166 rows made the head's products 4.4x slower than one 2048-row product.
+# At N = 8192 (four chunks) the loss step's peak is 1003 MB (tracemalloc; 546 MB with 911-row
+# chunks, 4941 MB unfused).
+CHUNK_ELEMENTS = 2**27
 
 
 def balanced_chunk_rows(rows: int, most: int) -> int:

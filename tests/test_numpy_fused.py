@@ -110,6 +110,34 @@ def test_adamw_update_in_place(size, dtype):
         assert_same_bits(ours, ref)
 
 
+@pytest.mark.parametrize("n0, n1", [(1, 600), (3, 250)], ids=["one-outer-row", "pieces-across-outer-rows"])
+def test_add_into_a_strided_slice(n0, n1, dtype):
+    """The q/k/v slice of a fused projection's gradient, added to from a transposed view: in
+    pieces of the first two axes (past MIN_PER_THREAD, so on the threads), bit for bit numpy's
+    +=, and nothing outside the slice touched."""
+    (base,) = arrays((n0, n1, 3, 4, 64), dtype, 1)
+    (src,) = arrays((n0, 4, n1, 64), dtype, 1, seed=1)
+    values = src.transpose(0, 2, 1, 3)  # (n0, n1, 4, 64), not contiguous
+    expected = base.copy()
+    expected[:, :, 1] += values
+    assert base[:, :, 1].size >= 2 * numpy_fused.MIN_PER_THREAD
+    numpy_fused.add_(base[:, :, 1], values)
+    assert_same_bits(base, expected)
+
+
+def test_index_add_with_basic_indices():
+    from engine.backends.numpy_backend import NumpyBackend
+
+    (out,) = arrays((600, 3, 256), np.float32, 1)
+    (values,) = arrays((600, 256), np.float32, 1, seed=1)
+    expected = out.copy()
+    expected[:, 2] += values
+    expected[5, 1, 7] += 2.5
+    NumpyBackend().index_add_(out, (slice(None), 2), values)
+    NumpyBackend().index_add_(out, (5, 1, 7), np.float32(2.5))  # one element: a scalar, not a view
+    assert_same_bits(out, expected)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cross_entropy_rows(shape, dtype):
     (logits,) = arrays(shape, dtype, 1)

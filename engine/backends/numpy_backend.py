@@ -159,8 +159,10 @@ class NumpyBackend(Backend):
         parts = index if isinstance(index, tuple) else (index,)
         if any(isinstance(i, (np.ndarray, list)) for i in parts):
             np.add.at(out, index, values)  # advanced indexing: repeated indices accumulate
-        else:
-            out[index] += values  # basic indexing picks each position at most once
+        elif isinstance(view := out[index], np.ndarray):  # basic indexing: a view, each position once
+            numpy_fused.add_(view, values)
+        else:  # one element: a scalar, not a view
+            out[index] += values
 
     def add_(self, out: np.ndarray, a: Array) -> None:
         numpy_fused.add_(out, a)
