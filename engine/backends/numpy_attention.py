@@ -157,7 +157,7 @@ def attention_forward(q, k, v, scale=None, causal=True, dropout_p=0.0, seed=0):
     return o.reshape(q.shape), lse.reshape(q.shape[:3])
 
 
-def _with_column(a: np.ndarray, column) -> np.ndarray:
+def _with_column(a: np.ndarray, column: np.ndarray | float) -> np.ndarray:
     """(n, L, D) → (n, L, D + 1): a with ``column`` (n, L) or a scalar as its last column."""
     out = np.empty(a.shape[:-1] + (a.shape[-1] + 1,), dtype=a.dtype)  # (n, L, D + 1)
     out[..., :-1] = a
