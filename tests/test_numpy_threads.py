@@ -1,4 +1,4 @@
-"""The numpy backend's threads: ranges and pieces split exactly, pieces going to the thread that
+"""The numpy backend's threads: pieces split exactly, pieces going to the thread that
 is free, BLAS held to one thread and given back, products equal to NumPy's, and work of a
 training step's size shared among the threads."""
 
@@ -27,30 +27,6 @@ def test_one_blas_thread_limits_blas_and_gives_the_count_back_even_on_error():
     with pytest.raises(RuntimeError), numpy_threads.one_blas_thread():
         raise RuntimeError("inside")
     assert blas_threads() == before
-
-
-@pytest.mark.parametrize("n, min_per_thread", [(0, 1), (1, 1), (7, 1), (1000, 1), (1000, 600)])
-def test_parallel_ranges_covers_each_index_once(n, min_per_thread):
-    seen = np.zeros(n, dtype=np.int64)
-    lock = threading.Lock()
-
-    def body(lo, hi):
-        with lock:
-            seen[lo:hi] += 1
-
-    numpy_threads.parallel_ranges(n, body, min_per_thread)
-    assert (seen == 1).all()
-
-
-def test_parallel_ranges_reraises_a_worker_error():
-    def body(lo, hi):
-        if lo > 0:
-            raise ValueError(f"part {lo}")
-
-    if numpy_threads.THREADS == 1:
-        pytest.skip("one thread: no worker to fail")
-    with pytest.raises(ValueError, match="part"):
-        numpy_threads.parallel_ranges(100, body)
 
 
 @pytest.mark.parametrize("n, piece, min_per_thread", [(0, 4, 1), (1, 4, 1), (5, 1, 1), (1000, 64, 1),

@@ -53,16 +53,6 @@ def on_threads(work: Callable[[int], None], threads: int = THREADS) -> None:
             f.result()
 
 
-def parallel_ranges(n: int, body: Callable[[int, int], None], min_per_thread: int = 1) -> None:
-    """Run ``body(start, stop)`` over a split of ``range(n)`` into contiguous parts, one per
-    thread (fewer when a part would hold less than ``min_per_thread`` items); returns when all
-    are done and re-raises the first error."""
-    parts = max(1, min(THREADS, n // max(1, min_per_thread)))
-    bounds = [n * i // parts for i in range(parts + 1)]
-    if n > 0:
-        on_threads(lambda t: body(bounds[t], bounds[t + 1]), parts)
-
-
 def parallel_pieces(n: int, piece: int, body: Callable[..., None], min_per_thread: int = 1,
                     scratch: Callable[[int], tuple] | None = None) -> None:
     """Run ``body(lo, hi, *buffers)`` over pieces of ``range(n)`` of about ``piece`` items (at
@@ -167,5 +157,5 @@ def batched_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         np.matmul(a3[lo:hi], b3[lo:hi], out=out[lo:hi])
 
     with one_blas_thread():
-        parallel_ranges(a3.shape[0], body)
+        parallel_pieces(a3.shape[0], -(-a3.shape[0] // THREADS), body)  # one piece per thread
     return out.reshape(lead + out.shape[-2:])
